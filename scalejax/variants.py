@@ -1,0 +1,40 @@
+"""Named scale-vector variants: each is a handful of settings over the shared pieces.
+
+A variant fixes the scale form, branch heterogeneity (HG), the dual placement around
+linear maps (DP/DNP) and the default weight-decay policy for scale vectors. Block
+placement (pre/post/sandwich) is orthogonal and set by `model.placement`, so every
+variant has a Post-Norm counterpart where it makes sense. Adding a variant is one
+entry in `VARIANTS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  scale: str = 'vector'       # key of norms.SCALE_FORMS
+  hg: bool = False            # branch-specific scales over one shared normalization
+  dual: str = 'none'          # 'none' | 'dp' | 'dnp' on model.dual_targets
+  norm_decay: str = 'none'    # default scale weight-decay policy: 'all' | 'none' | 'iwd'
+  summary: str = ''
+
+
+VARIANTS: dict[str, Variant] = {
+    'baseline': Variant(summary='one vector gamma per norm (Llama-style)'),
+    'no_scale': Variant(scale='none', summary='normalization only, no learnable scale'),
+    'hg': Variant(hg=True, summary='separate q/k/v and gate/up scales over one norm'),
+    'dp': Variant(dual='dp', summary='scales on both sides of the wrapped linear maps'),
+    'dnp': Variant(dual='dnp', summary='DP with a normalization after the linear map'),
+    'magdir': Variant(scale='magdir', summary='gamma = beta * alpha'),
+    'magdir_unit': Variant(scale='magdir_unit', summary='gamma = beta sqrt(d) alpha/|alpha|'),
+    'unified': Variant(scale='magdir', hg=True, dual='dnp', norm_decay='iwd',
+                       summary='HG + DNP + magdir (OR) + input-only decay (IWD)'),
+}
+
+
+def get_variant(name: str) -> Variant:
+  if name not in VARIANTS:
+    raise ValueError(f'unknown model.variant {name!r}; valid: {", ".join(VARIANTS)}')
+  return VARIANTS[name]

@@ -1,0 +1,146 @@
+"""The decoder: expressivity of input scales, param counts, gradient flow, variants."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from scalejax import roles
+from scalejax.counting import param_counts
+from scalejax.model import ModelConfig, build_model, cross_entropy
+from scalejax.variants import VARIANTS
+
+SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
+
+
+def _tokens(b=2, l=12, vocab=64, seed=0):
+  return jax.random.randint(jax.random.key(seed), (b, l), 0, vocab)
+
+
+def _randomize_scales(model, seed=1):
+  """Set every scale param to a random positive vector (not the init)."""
+  state = nnx.state(model, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(seed), 1000))
+
+  def f(v):
+    if v.get_metadata()['role'] in roles.SCALE_ROLES:
+      v[...] = jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=1.5)
+    return v
+  jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  nnx.update(model, state)
+
+
+def test_folding_input_scales_into_next_linear_map_is_exact():
+  """Pre-Norm: W(gamma * n) == (diag(gamma) W) n, for every input-role scale at once."""
+  cfg = ModelConfig(**SMALL, variant='baseline')
+  model = build_model(cfg, seed=3)
+  _randomize_scales(model)
+  tokens = _tokens()
+  want = model(tokens)
+
+  b = model.blocks
+  g_attn = b.attn_norm.scale.gamma[...]          # [L, D]
+  g_mlp = b.mlp_norm.scale.gamma[...]
+  for lin in (b.attn.q, b.attn.k, b.attn.v):
+    lin.kernel[...] = lin.kernel[...] * g_attn[:, :, None]
+  for lin in (b.mlp.gate, b.mlp.up):
+    lin.kernel[...] = lin.kernel[...] * g_mlp[:, :, None]
+  model.head.kernel[...] = model.head.kernel[...] * model.final_norm.scale.gamma[...][:, None]
+  for g in (b.attn_norm.scale.gamma, b.mlp_norm.scale.gamma, model.final_norm.scale.gamma):
+    g[...] = jnp.ones_like(g[...])
+
+  chex.assert_trees_all_close(model(tokens), want, rtol=2e-5, atol=2e-5)
+
+
+def test_folding_output_scale_changes_function():
+  """Output-role scales (sandwich) cannot be folded into a following linear map."""
+  cfg = ModelConfig(**SMALL, placement='sandwich')
+  model = build_model(cfg, seed=3)
+  tokens = _tokens()
+  before = model(tokens)
+  model.blocks.attn_out_norm.scale.gamma[...] *= 3.0
+  assert not np.allclose(model(tokens), before, atol=1e-3)
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+@pytest.mark.parametrize('placement', ['pre', 'sandwich', 'post'])
+def test_param_count_matches_formula(variant, placement):
+  if VARIANTS[variant].hg and placement == 'post':
+    pytest.skip('HG needs a norm in front of each branch')
+  cfg = ModelConfig(**SMALL, variant=variant, placement=placement, qk_norm=True, n_kv_heads=2)
+  params = roles.params_of(build_model(cfg))
+  got = sum(int(x.size) for x in jax.tree.leaves(params))
+  counts = param_counts(cfg)
+  assert got == counts['total']
+  scale_params = sum(int(p.size) for p, r in zip(jax.tree.leaves(params),
+                                                 jax.tree.leaves(roles.role_tree(build_model(cfg))))
+                     if r in roles.SCALE_ROLES)
+  assert scale_params == counts['norm']
+
+
+def test_llama_1b_count_from_paper_notes():
+  cfg = ModelConfig(vocab_size=50304, d_model=1792, n_layers=22, n_heads=14, d_ff=4778)
+  counts = param_counts(cfg)
+  assert counts['total'] == 1_028_065_024
+  assert counts['norm'] == 80_640
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_gradients_reach_every_param(variant):
+  cfg = ModelConfig(**SMALL, variant=variant, qk_norm=True, tie_embeddings=variant == 'hg')
+  model = build_model(cfg, seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tokens = _tokens()
+
+  def loss(p):
+    return cross_entropy(nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:])
+
+  grads = jax.grad(loss)(params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert float(jnp.max(jnp.abs(g))) > 0, f'no gradient reaches {jax.tree_util.keystr(path)}'
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_every_variant_runs_and_stacks_layers(variant):
+  cfg = ModelConfig(**SMALL, variant=variant)
+  model = build_model(cfg)
+  logits = jax.jit(lambda t: model(t))(_tokens())
+  chex.assert_shape(logits, (2, 12, 64))
+  chex.assert_tree_all_finite(logits)
+  assert model.blocks.attn.q.kernel.shape == (2, 32, 32)  # [layers, d_in, d_out]
+
+
+def test_gqa_tied_bfloat16_and_remat_agree_with_reference():
+  base = dict(SMALL, n_kv_heads=2, tie_embeddings=True)
+  ref = build_model(ModelConfig(**base), seed=5)
+  tokens = _tokens()
+  want = ref(tokens)
+  for extra in (dict(remat='full'), dict(remat='dots'), dict(scan_unroll=2)):
+    other = build_model(ModelConfig(**base, **extra), seed=5)
+    chex.assert_trees_all_close(other(tokens), want, rtol=1e-5, atol=1e-5)
+  bf16 = build_model(ModelConfig(**base, dtype='bfloat16'), seed=5)
+  out = bf16(tokens)
+  assert out.dtype == jnp.float32
+  chex.assert_trees_all_close(out, want, atol=0.05)
+
+
+def test_causal():
+  model = build_model(ModelConfig(**SMALL))
+  t = _tokens()
+  t2 = t.at[:, 6:].set(0)
+  chex.assert_trees_all_close(model(t)[:, :6], model(t2)[:, :6], atol=1e-6)
+
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(n_heads=5), 'must divide model.d_model'),
+    (dict(n_kv_heads=3), 'must divide model.n_heads'),
+    (dict(variant='nope'), 'valid: baseline'),
+    (dict(placement='middle'), 'placement'),
+    (dict(variant='unified', placement='post'), 'HG'),
+    (dict(dual_targets=('o',)), 'dual_targets'),
+])
+def test_bad_config_errors(bad, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**{**SMALL, **bad})

@@ -1,0 +1,146 @@
+"""Scale forms, HG, DP/DNP at init, and float32 statistics."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from flax import nnx
+
+from scalejax import roles
+from scalejax.layers import Linear
+from scalejax.norms import SCALE_FORMS, Norm, NormSpec, rms_stats
+
+D = 16
+
+
+def _x(shape=(2, 5, D), seed=0, dtype=jnp.float32):
+  return (3.0 * jax.random.normal(jax.random.key(seed), shape) + 0.5).astype(dtype)
+
+
+class ScaleFormTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(form=list(SCALE_FORMS), storage=['direct', 'delta'],
+                         kind=['rms', 'layer'])
+  def test_every_form_equals_plain_vector_at_init(self, form, storage, kind):
+    x = _x()
+    plain = Norm(NormSpec(kind=kind, scale='vector'), D, roles.INPUT_SCALE)
+    other = Norm(NormSpec(kind=kind, scale=form, storage=storage), D, roles.INPUT_SCALE)
+    chex.assert_trees_all_close(self.variant(lambda x: other(x))(x), plain(x), rtol=1e-6)
+
+  def test_vector_at_one_equals_none(self):
+    x = _x()
+    none = Norm(NormSpec(scale='none'), D, roles.INPUT_SCALE)
+    vec = Norm(NormSpec(scale='vector'), D, roles.INPUT_SCALE)
+    chex.assert_trees_all_equal(vec(x), none(x))
+    assert not roles.params_of(none)  # `none` has no parameter at all
+
+  def test_forms_compute_their_formula(self):
+    spec = NormSpec(scale='magdir_unit')
+    norm = Norm(spec, D, roles.INPUT_SCALE)
+    alpha = jnp.arange(1.0, D + 1)
+    norm.scale.alpha[...] = alpha
+    norm.scale.beta[...] = jnp.asarray(0.7)
+    want = 0.7 * np.sqrt(D) * alpha / jnp.linalg.norm(alpha)
+    chex.assert_trees_all_close(norm.gammas()[0], want, rtol=1e-6)
+    md = Norm(NormSpec(scale='magdir'), D, roles.INPUT_SCALE)
+    md.scale.alpha[...] = alpha
+    md.scale.beta[...] = jnp.asarray(-2.0)
+    chex.assert_trees_all_close(md.gammas()[0], -2.0 * alpha)
+    delta = Norm(NormSpec(scale='vector', storage='delta'), D, roles.INPUT_SCALE)
+    chex.assert_trees_all_equal(delta.scale.gamma[...], jnp.zeros(D))  # stored as delta
+    chex.assert_trees_all_equal(delta.gammas()[0], jnp.ones(D))        # gamma = 1 + delta
+
+  def test_rms_and_layer_statistics(self):
+    x = _x()
+    n = Norm(NormSpec(kind='rms'), D, roles.INPUT_SCALE)(x)
+    chex.assert_trees_all_close(jnp.mean(n**2, -1), jnp.ones(x.shape[:-1]), rtol=1e-4)
+    ln = Norm(NormSpec(kind='layer'), D, roles.INPUT_SCALE)(x)
+    chex.assert_trees_all_close(jnp.mean(ln, -1), jnp.zeros(x.shape[:-1]), atol=1e-5)
+    chex.assert_trees_all_close(jnp.var(ln, -1), jnp.ones(x.shape[:-1]), rtol=1e-4)
+
+  def test_unknown_form_lists_valid(self):
+    with pytest.raises(ValueError, match='magdir_unit'):
+      NormSpec(scale='magdirr')
+
+
+class BranchTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_hg_at_init_equals_shared_vector(self):
+    x = _x()
+    shared = Norm(NormSpec(), D, roles.INPUT_SCALE)
+    hg = Norm(NormSpec(), D, roles.INPUT_SCALE, branches=('q', 'k', 'v'))
+    outs = self.variant(lambda x: hg(x))(x)
+    assert len(outs) == 3
+    for out in outs:
+      chex.assert_trees_all_close(out, shared(x))
+
+  def test_hg_branches_are_independent(self):
+    x = _x()
+    hg = Norm(NormSpec(), D, roles.INPUT_SCALE, branches=('gate', 'up'))
+    hg.up.gamma[...] = 2.0 * jnp.ones(D)
+    g, u = hg(x)
+    chex.assert_trees_all_close(u, 2.0 * g)
+
+  def test_statistics_computed_once(self):
+    """HG adds multiplies, not reductions: one mean-of-squares per call."""
+    hg = Norm(NormSpec(), D, roles.INPUT_SCALE, branches=('q', 'k', 'v'))
+    jaxpr = jax.make_jaxpr(lambda x: hg(x))(_x())
+    n_reduce = sum(eqn.primitive.name == 'reduce_sum' for eqn in jaxpr.jaxpr.eqns)
+    assert n_reduce == 1
+
+
+class DualTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dp_at_init_is_plain_linear(self):
+    x = _x()
+    plain = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1))
+    dp = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1), dual='dp', norm=NormSpec())
+    chex.assert_trees_all_close(self.variant(lambda x: dp(x))(x), plain(x))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dnp_at_init_is_normalized_linear(self):
+    x = _x()
+    plain = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1))
+    dnp = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1), dual='dnp', norm=NormSpec())
+    want = rms_stats(plain(x), 1e-6)
+    chex.assert_trees_all_close(self.variant(lambda x: dnp(x))(x), want, rtol=1e-5)
+
+  def test_dp_output_scale_multiplies(self):
+    x = _x()
+    plain = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1))
+    dp = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1), dual='dp', norm=NormSpec())
+    u = jnp.linspace(0.5, 2.0, 8)
+    dp.post.gamma[...] = u
+    chex.assert_trees_all_close(dp(x), plain(x) * u, rtol=1e-6)
+    meta = dp.post.gamma.get_metadata()
+    assert meta['role'] == roles.OUTPUT_SCALE
+
+
+class PrecisionTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_float16_large_activations_do_not_overflow(self):
+    # 1000^2 overflows float16 (max 65504); the float32 reduction must not.
+    x32 = _x() * 400.0
+    x16 = x32.astype(jnp.float16)
+    norm = Norm(NormSpec(), D, roles.INPUT_SCALE)
+    out = self.variant(lambda x: norm(x))(x16)
+    assert out.dtype == jnp.float16
+    assert bool(jnp.all(jnp.isfinite(out)))
+    chex.assert_trees_all_close(out.astype(jnp.float32), norm(x16.astype(jnp.float32)),
+                                rtol=2e-3, atol=2e-3)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_matches_float32_reference(self):
+    x = _x(shape=(4, 7, 256)) * 1e4
+    norm = Norm(NormSpec(kind='layer'), 256, roles.INPUT_SCALE)
+    out = self.variant(lambda x: norm(x))(x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    chex.assert_trees_all_close(out.astype(jnp.float32),
+                                norm(x.astype(jnp.bfloat16).astype(jnp.float32)),
+                                rtol=1e-2, atol=1e-2)
