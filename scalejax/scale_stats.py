@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from scalejax import roles as R
 
@@ -12,7 +12,8 @@ def scale_statistics(params, roles, axes) -> dict[str, dict[str, float]]:
   """{'<path>[/layer<i>]': {role, mean, std, min, max, norm}} for every scale param.
 
   A param stacked over layers (logical axis `layers`) is split into one entry per
-  layer, found from its axes metadata rather than from its rank.
+  layer, found from its axes metadata rather than from its rank. Only scale params
+  are fetched to the host (they are small and replicated).
   """
   out = {}
   flat = jax.tree_util.tree_leaves_with_path(params)
@@ -21,17 +22,17 @@ def scale_statistics(params, roles, axes) -> dict[str, dict[str, float]]:
     if role not in R.SCALE_ROLES:
       continue
     name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    p = jnp.asarray(p, jnp.float32)
+    p = np.asarray(jax.device_get(p), np.float32)
     if 'layers' in ax:
       layer_axis = ax.index('layers')
-      slices = [(f'{name}/layer{i}', jnp.take(p, i, axis=layer_axis))
+      slices = [(f'{name}/layer{i}', np.take(p, i, axis=layer_axis))
                 for i in range(p.shape[layer_axis])]
     else:
       slices = [(name, p)]
     for key, v in slices:
       out[key] = dict(role=role, mean=float(v.mean()), std=float(v.std()),
                       min=float(v.min()), max=float(v.max()),
-                      norm=float(jnp.linalg.norm(v.ravel())))
+                      norm=float(np.linalg.norm(v.ravel())))
   return out
 
 

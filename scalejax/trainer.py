@@ -158,7 +158,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
       writer.write({'step': step, 'eval_loss': eval_loss})
       final['eval_loss'] = eval_loss
     if is_main:
-      stats = scale_statistics(jax.device_get(state['params']), run.roles, run.axes)
+      stats = scale_statistics(state['params'], run.roles, run.axes)
       if stats:
         writer.write({'step': step, 'scales': stats}, name='scale_stats')
         writer.write({'step': step, **role_means(stats)}, name='scales')
