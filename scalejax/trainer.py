@@ -22,7 +22,8 @@ from scalejax import roles, sharding
 from scalejax.counting import flops_per_token, param_counts
 from scalejax.model import build_model, cross_entropy
 from scalejax.optim import build_optimizer, resolve_norm_decay
-from scalejax.scale_stats import role_means, scale_statistics
+from scalejax.scale_stats import (precond_means, preconditioner_statistics, role_means,
+                                  scale_statistics)
 from scalejax.weight_decay import decay_table
 
 log = logging.getLogger('scalejax')
@@ -158,10 +159,13 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
       writer.write({'step': step, 'eval_loss': eval_loss})
       final['eval_loss'] = eval_loss
     if is_main:
-      stats = scale_statistics(jax.device_get(state['params']), run.roles, run.axes)
+      params = jax.device_get(state['params'])
+      stats = scale_statistics(params, run.roles, run.axes)
       if stats:
-        writer.write({'step': step, 'scales': stats}, name='scale_stats')
-        writer.write({'step': step, **role_means(stats)}, name='scales')
+        precond = preconditioner_statistics(nnx.merge(run.graphdef, params))
+        writer.write({'step': step, 'scales': stats, 'precond': precond}, name='scale_stats')
+        writer.write({'step': step, **role_means(stats), **precond_means(precond)},
+                     name='scales')
     return eval_loss
 
   with jax.set_mesh(run.mesh):

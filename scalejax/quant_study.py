@@ -1,0 +1,188 @@
+"""Post-training quantization study: eval loss per mode and format against float32.
+
+    python -m scalejax.quant_study --runs baseline=DIR,unified=DIR --out DIR \
+        [--formats int8,fp8,int4,int3,int2] [--modes all,except_scales,...] \
+        [--group_sizes 0,32] [--step N] [--eval_batches N]
+
+Each run directory is a train.py workdir (config.json + checkpoints/). Writes
+results.json (one record per run, granularity, format and mode), results.md (tables of
+eval-loss increase over the float32 model) and quant_study.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from scalejax import roles as R
+from scalejax.checkpoint import steps as ckpt_steps
+from scalejax.data import build_data
+from scalejax.model import cross_entropy
+from scalejax.quant import FORMATS, MODES, apply_mode
+from scalejax.sample import load_run
+
+
+def parse_runs(spec: str) -> dict[str, str]:
+  """'label=dir,label=dir' (or bare dirs, labelled by their basename) -> {label: dir}."""
+  out = {}
+  for item in filter(None, spec.split(',')):
+    label, _, path = item.rpartition('=')
+    out[label or os.path.basename(os.path.normpath(path))] = path
+  if not out:
+    raise ValueError('--runs is empty; pass label=workdir[,label=workdir...]')
+  return out
+
+
+def _list(spec: str, valid, what: str) -> list[str]:
+  items = [s for s in spec.split(',') if s]
+  bad = [s for s in items if s not in valid]
+  if bad:
+    raise ValueError(f'unknown {what} {bad}; valid: {", ".join(valid)}')
+  return items
+
+
+def make_eval(graphdef, batches: list[dict]):
+  """jitted params -> mean loss over the stacked eval batches (one call per eval)."""
+  inputs = jnp.stack([b['inputs'] for b in batches])
+  targets = jnp.stack([b['targets'] for b in batches])
+
+  @jax.jit
+  def loss(params, inputs, targets):
+    model = nnx.merge(graphdef, params)
+    return jnp.mean(jax.lax.map(lambda b: cross_entropy(model(b[0]), b[1]), (inputs, targets)))
+
+  return lambda params: float(loss(params, inputs, targets))
+
+
+def study_run(label: str, workdir: str, formats, modes, group_sizes, step=None,
+              eval_batches: int = 0, log=print) -> list[dict]:
+  cfg, graphdef, params, _ = load_run(workdir, step)
+  model = nnx.merge(graphdef, params)
+  roles, axes = R.role_tree(model), R.axes_tree(model)
+  data = build_data(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                    seed=cfg.seed, workdir=workdir)
+  batches = data.eval_batches[:eval_batches or None]
+  if not batches:
+    raise ValueError(f'{workdir}: the run has no eval batches (data.eval_batches=0?)')
+  evaluate = make_eval(graphdef, batches)
+  base = evaluate(params)
+  n_scale = sum(int(p.size) for p, r in zip(jax.tree.leaves(params), jax.tree.leaves(roles))
+                if r in R.SCALE_ROLES)
+  common = dict(run=label, variant=cfg.model.variant, step=step or ckpt_steps(workdir)[-1],
+                eval_tokens=len(batches) * cfg.train.batch_size * cfg.train.seq_len,
+                scale_params=n_scale, fp32_loss=base)
+  log(f'{label}: float32 eval loss {base:.4f} over {common["eval_tokens"]:,} tokens')
+  out = []
+  for g in group_sizes:
+    for fmt in formats:
+      for mode in modes:
+        t = time.perf_counter()
+        qparams, left = apply_mode(graphdef, params, roles, axes, mode, fmt, g)
+        loss = evaluate(qparams)
+        out.append(dict(common, group_size=g, format=fmt, mode=mode, eval_loss=loss,
+                        delta=loss - base, unfolded=left))
+        log(f'  group={g or "channel"} {fmt:5s} {mode:20s} loss {loss:.4f} '
+            f'(+{loss - base:.4f}) [{time.perf_counter() - t:.1f}s]')
+  return out
+
+
+def granularity(g: int) -> str:
+  return 'per-channel' if not g else f'groups of {g}'
+
+
+def markdown(results: list[dict]) -> str:
+  """One table per run and granularity: rows modes, columns formats, cells delta loss."""
+  lines = []
+  runs = list(dict.fromkeys(r['run'] for r in results))
+  for run in runs:
+    rr = [r for r in results if r['run'] == run]
+    head = rr[0]
+    for g in dict.fromkeys(r['group_size'] for r in rr):
+      cells = {(r['mode'], r['format']): r['delta'] for r in rr if r['group_size'] == g}
+      formats = list(dict.fromkeys(f for _, f in cells))
+      modes = list(dict.fromkeys(m for m, _ in cells))
+      lines += [f'**{run}** (variant `{head["variant"]}`, step {head["step"]}, float32 eval '
+                f'loss {head["fp32_loss"]:.4f}), {granularity(g)}: eval-loss increase', '',
+                '| mode | ' + ' | '.join(formats) + ' |',
+                '|---|' + '---:|' * len(formats)]
+      for m in modes:
+        lines.append(f'| {m} | ' + ' | '.join(_fmt(cells[m, f]) for f in formats) + ' |')
+      lines.append('')
+  return '\n'.join(lines)
+
+
+def _fmt(d: float) -> str:
+  return f'{d:+.4f}' if abs(d) < 10 else f'{d:+.1f}'
+
+
+def plot(results: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  runs = list(dict.fromkeys(r['run'] for r in results))
+  groups = list(dict.fromkeys(r['group_size'] for r in results))
+  fig, axs = plt.subplots(len(groups), len(runs), figsize=(5.2 * len(runs), 3.6 * len(groups)),
+                          squeeze=False, sharey=True)
+  for i, g in enumerate(groups):
+    for j, run in enumerate(runs):
+      ax = axs[i][j]
+      rr = [r for r in results if r['run'] == run and r['group_size'] == g]
+      formats = list(dict.fromkeys(r['format'] for r in rr))
+      for mode in dict.fromkeys(r['mode'] for r in rr):
+        ys = [next(r['delta'] for r in rr if r['mode'] == mode and r['format'] == f)
+              for f in formats]
+        ax.plot(range(len(formats)), ys, marker='o', label=mode)
+      ax.set_xticks(range(len(formats)), formats)
+      ax.set_yscale('symlog', linthresh=1e-3)
+      ax.axhline(0, color='k', lw=0.5)
+      ax.set_title(f'{run} ({granularity(g)})', fontsize=10)
+      if j == 0:
+        ax.set_ylabel('eval loss - float32 loss')
+      ax.grid(alpha=0.3)
+  axs[0][-1].legend(fontsize=7, loc='upper left')
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  runs = parse_runs(FLAGS.runs)
+  formats = _list(FLAGS.formats, FORMATS, 'format')
+  modes = _list(FLAGS.modes, MODES, 'mode')
+  groups = [int(g) for g in FLAGS.group_sizes.split(',') if g]
+  os.makedirs(FLAGS.out, exist_ok=True)
+  results = []
+  for label, workdir in runs.items():
+    results += study_run(label, workdir, formats, modes, groups, FLAGS.step, FLAGS.eval_batches)
+  with open(os.path.join(FLAGS.out, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+  table = markdown(results)
+  with open(os.path.join(FLAGS.out, 'results.md'), 'w') as f:
+    f.write(table + '\n')
+  plot(results, os.path.join(FLAGS.out, 'quant_study.png'))
+  print(table)
+  print(f'wrote {FLAGS.out}/results.json, results.md, quant_study.png')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('runs', None, 'label=workdir[,label=workdir...] of train.py runs')
+  flags.DEFINE_string('out', None, 'output directory')
+  flags.DEFINE_string('formats', ','.join(FORMATS), 'comma-separated formats')
+  flags.DEFINE_string('modes', ','.join(MODES), 'comma-separated modes')
+  flags.DEFINE_string('group_sizes', '0,32', 'comma-separated group sizes (0: per-channel)')
+  flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
+  flags.DEFINE_integer('eval_batches', 0, 'eval batches used (0: all of the run\'s)')
+  flags.mark_flags_as_required(['runs', 'out'])
+  app.run(main)
