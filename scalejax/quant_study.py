@@ -3,6 +3,7 @@
     python -m scalejax.quant_study --runs baseline=DIR,unified=DIR --out DIR \
         [--formats int8,fp8,int4,int3,int2] [--modes all,except_scales,...] \
         [--group_sizes 0,32] [--step N] [--eval_batches N]
+    python -m scalejax.quant_study --out DIR --replot   # tables and plot from results.json
 
 Each run directory is a train.py workdir (config.json + checkpoints/). Writes
 results.json (one record per run, granularity, format and mode), results.md (tables of
@@ -73,11 +74,10 @@ def study_run(label: str, workdir: str, formats, modes, group_sizes, step=None,
     raise ValueError(f'{workdir}: the run has no eval batches (data.eval_batches=0?)')
   evaluate = make_eval(graphdef, batches)
   base = evaluate(params)
-  n_scale = sum(int(p.size) for p, r in zip(jax.tree.leaves(params), jax.tree.leaves(roles))
-                if r in R.SCALE_ROLES)
+  counts = R.role_summary(params, roles)
   common = dict(run=label, variant=cfg.model.variant, step=step or ckpt_steps(workdir)[-1],
                 eval_tokens=len(batches) * cfg.train.batch_size * cfg.train.seq_len,
-                scale_params=n_scale, fp32_loss=base)
+                params={role: n for role, (_, n) in counts.items()}, fp32_loss=base)
   log(f'{label}: float32 eval loss {base:.4f} over {common["eval_tokens"]:,} tokens')
   out = []
   for g in group_sizes:
@@ -108,14 +108,52 @@ def markdown(results: list[dict]) -> str:
       cells = {(r['mode'], r['format']): r['delta'] for r in rr if r['group_size'] == g}
       formats = list(dict.fromkeys(f for _, f in cells))
       modes = list(dict.fromkeys(m for m, _ in cells))
+      n = head['params']
+      scales = n.get(R.INPUT_SCALE, 0) + n.get(R.OUTPUT_SCALE, 0)
       lines += [f'**{run}** (variant `{head["variant"]}`, step {head["step"]}, float32 eval '
-                f'loss {head["fp32_loss"]:.4f}), {granularity(g)}: eval-loss increase', '',
+                f'loss {head["fp32_loss"]:.4f}; {scales:,} of {sum(n.values()):,} params are '
+                f'scales, {n.get(R.OUTPUT_SCALE, 0):,} of them output-role), '
+                f'{granularity(g)}: eval-loss increase', '',
                 '| mode | ' + ' | '.join(formats) + ' |',
                 '|---|' + '---:|' * len(formats)]
       for m in modes:
         lines.append(f'| {m} | ' + ' | '.join(_fmt(cells[m, f]) for f in formats) + ' |')
       lines.append('')
   return '\n'.join(lines)
+
+
+# Differences of modes that answer one question each (rows: a minus b).
+# Output-role contrasts are left out for runs without output-role scales (all zero).
+CONTRASTS = (
+    ('scales quantized too', 'all', 'except_scales'),
+    ('fold instead of float32 scales', 'fold', 'except_scales'),
+    ('output-role scales quantized', 'except_input_scales', 'except_scales'),
+    ('output-role scales quantized, after folding', 'fold_all', 'fold'),
+)
+
+
+def contrasts(results: list[dict]) -> str:
+  """Eval-loss differences between modes, per run, granularity and format."""
+  cells = {(r['run'], r['group_size'], r['format'], r['mode']): r['delta'] for r in results}
+  keys = list(dict.fromkeys((r['run'], r['group_size']) for r in results))
+  formats = list(dict.fromkeys(r['format'] for r in results))
+  rows = [c for c in CONTRASTS if any((k + (f, c[1])) in cells and (k + (f, c[2])) in cells
+                                      for k in keys for f in formats)]
+  if not rows:
+    return ''
+  lines = ['Mode contrasts (eval loss of the first mode minus the second):', '',
+           '| run | granularity | contrast | ' + ' | '.join(formats) + ' |',
+           '|---|---|---|' + '---:|' * len(formats)]
+  has_output = {r['run']: r['params'].get(R.OUTPUT_SCALE, 0) > 0 for r in results}
+  for run, g in keys:
+    for name, a, b in rows:
+      if 'output-role' in name and not has_output[run]:
+        continue
+      vals = [cells.get((run, g, f, a), np.nan) - cells.get((run, g, f, b), np.nan)
+              for f in formats]
+      lines.append(f'| {run} | {granularity(g)} | {name} (`{a}` - `{b}`) | '
+                   + ' | '.join('' if np.isnan(v) else _fmt(v) for v in vals) + ' |')
+  return '\n'.join(lines + [''])
 
 
 def _fmt(d: float) -> str:
@@ -158,17 +196,22 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  runs = parse_runs(FLAGS.runs)
-  formats = _list(FLAGS.formats, FORMATS, 'format')
-  modes = _list(FLAGS.modes, MODES, 'mode')
-  groups = [int(g) for g in FLAGS.group_sizes.split(',') if g]
   os.makedirs(FLAGS.out, exist_ok=True)
-  results = []
-  for label, workdir in runs.items():
-    results += study_run(label, workdir, formats, modes, groups, FLAGS.step, FLAGS.eval_batches)
-  with open(os.path.join(FLAGS.out, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=1)
-  table = markdown(results)
+  path = os.path.join(FLAGS.out, 'results.json')
+  if FLAGS.replot:
+    with open(path) as f:
+      results = json.load(f)
+  else:
+    formats = _list(FLAGS.formats, FORMATS, 'format')
+    modes = _list(FLAGS.modes, MODES, 'mode')
+    groups = [int(g) for g in FLAGS.group_sizes.split(',') if g]
+    results = []
+    for label, workdir in parse_runs(FLAGS.runs).items():
+      results += study_run(label, workdir, formats, modes, groups, FLAGS.step,
+                           FLAGS.eval_batches)
+    with open(path, 'w') as f:
+      json.dump(results, f, indent=1)
+  table = markdown(results) + '\n' + contrasts(results)
   with open(os.path.join(FLAGS.out, 'results.md'), 'w') as f:
     f.write(table + '\n')
   plot(results, os.path.join(FLAGS.out, 'quant_study.png'))
@@ -177,12 +220,13 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('runs', None, 'label=workdir[,label=workdir...] of train.py runs')
+  flags.DEFINE_string('runs', '', 'label=workdir[,label=workdir...] of train.py runs')
   flags.DEFINE_string('out', None, 'output directory')
   flags.DEFINE_string('formats', ','.join(FORMATS), 'comma-separated formats')
   flags.DEFINE_string('modes', ','.join(MODES), 'comma-separated modes')
   flags.DEFINE_string('group_sizes', '0,32', 'comma-separated group sizes (0: per-channel)')
   flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
   flags.DEFINE_integer('eval_batches', 0, 'eval batches used (0: all of the run\'s)')
-  flags.mark_flags_as_required(['runs', 'out'])
+  flags.DEFINE_bool('replot', False, 'rebuild results.md and the plot from OUT/results.json')
+  flags.mark_flags_as_required(['out'])
   app.run(main)

@@ -15,7 +15,7 @@ from scalejax import roles as R
 from scalejax import trainer
 from scalejax.model import ModelConfig, build_model
 from scalejax.norms import Norm
-from scalejax.quant_study import markdown, plot, study_run
+from scalejax.quant_study import contrasts, markdown, plot, study_run
 from scalejax.scale_stats import effective_scales
 
 ROOT = Path(__file__).parents[1]
@@ -234,10 +234,9 @@ def test_study_command_writes_table_and_plot(tmp_path):
   cfg.train.update(steps=4, eval_every=0, log_every=2)
   run_dir = tmp_path / 'run'
   trainer.train(cfg, str(run_dir))
-  results = study_run('tiny', str(run_dir), ['int8', 'int2'], ['all', 'fold'], [0, 16],
-                      eval_batches=1, log=lambda *_: None)
-  assert len(results) == 8
-  assert {r['mode'] for r in results} == {'all', 'fold'}
+  results = study_run('tiny', str(run_dir), ['int8', 'int2'], ['all', 'except_scales', 'fold'],
+                      [0, 16], eval_batches=1, log=lambda *_: None)
+  assert len(results) == 12
   base = results[0]['fp32_loss']
   for r in results:
     assert r['eval_loss'] == pytest.approx(base + r['delta'])
@@ -245,5 +244,10 @@ def test_study_command_writes_table_and_plot(tmp_path):
   assert abs(by['int8', 'all', 0]) < 0.05 < by['int2', 'all', 0]
   table = markdown(results)
   assert '| all |' in table and 'groups of 16' in table
+  diffs = contrasts(results)
+  want = by['int2', 'all', 16] - by['int2', 'except_scales', 16]
+  assert f'| tiny | groups of 16 | scales quantized too (`all` - `except_scales`) | ' \
+         f'{by["int8", "all", 16] - by["int8", "except_scales", 16]:+.4f} | {want:+.4f} |' in diffs
+  assert 'output-role' not in diffs   # the tiny baseline has no output-role scales
   plot(results, str(tmp_path / 'q.png'))
   assert (tmp_path / 'q.png').read_bytes()[:4] == b'\x89PNG'
