@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 
 from scalejax.checkpoint import steps as ckpt_steps
@@ -126,7 +127,8 @@ def plot_heatmaps(data: dict, path: str, title: str = '') -> None:
   """One panel per scale: rows layers, columns dimensions, colour gamma (centred at 1)."""
   from matplotlib.colors import TwoSlopeNorm
   plt = _plt()
-  gammas = data['gammas']
+  order = sorted(data['gammas'], key=lambda k: (data['roles'][k] != 'input_scale', k))
+  gammas = {k: data['gammas'][k] for k in order}  # input-role scales first
   n = len(gammas)
   cols = min(3, n)
   rows = -(-n // cols)
@@ -162,6 +164,7 @@ def plot_evolution(runs: dict[str, dict], path: str) -> None:
     for i, (kind, stat) in enumerate(rows):
       ax = axs[i][j]
       names = list(per_step[kind][0]) if per_step[kind] and per_step[kind][0] else []
+      ax.set_prop_cycle(color=plt.get_cmap('tab20').colors[:max(len(names), 1)])
       for name in names:
         style = '-' if per_step['scales'][0].get(name, {}).get('role') != 'output_scale' else '--'
         ax.plot(steps, [a[name][stat] for a in per_step[kind]], style, marker='.', label=name)
@@ -200,6 +203,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs each restore, twice
   steps = [int(s) for s in FLAGS.steps.split(',') if s] or None
   runs = {label: inspect_run(workdir, steps) for label, workdir in parse_runs(FLAGS.runs).items()}
   paths = write_outputs(runs, FLAGS.out)

@@ -32,7 +32,7 @@ from flax import nnx
 
 from scalejax import roles as R
 from scalejax.norms import Norm
-from scalejax.scale_stats import _module, _stacked, form_gamma, input_scale_consumers
+from scalejax.scale_stats import form_gamma, input_scale_consumers, is_stacked, module_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,20 +97,18 @@ def fake_quant(x: jax.Array, fmt: str, *, axis: int | None, group_size: int = 0)
   f = FORMATS[fmt]
   x = jnp.asarray(x, jnp.float32)
   if axis is None:
-    channels, tiled = tuple(range(x.ndim)), {}
-  else:
-    axis %= x.ndim
-    channels = tuple(a for a in range(x.ndim) if a != axis)
-    tiled = {}
-    if group_size and group_size < x.shape[axis]:
-      pad = -x.shape[axis] % group_size
-      widths = [(0, pad if a == axis else 0) for a in range(x.ndim)]
-      padded = fake_quant_tiled(jnp.pad(x, widths), f, channels, {axis: group_size})
-      return jax.lax.slice_in_dim(padded, 0, x.shape[axis], axis=axis)
-  return fake_quant_tiled(x, f, channels, tiled)
+    return _quant_dequant(x, f, tuple(range(x.ndim)), {})
+  axis %= x.ndim
+  channels = tuple(a for a in range(x.ndim) if a != axis)
+  n = x.shape[axis]
+  if not group_size or group_size >= n:
+    return _quant_dequant(x, f, channels, {})
+  widths = [(0, -n % group_size if a == axis else 0) for a in range(x.ndim)]
+  out = _quant_dequant(jnp.pad(x, widths), f, channels, {axis: group_size})
+  return jax.lax.slice_in_dim(out, 0, n, axis=axis)
 
 
-def fake_quant_tiled(x, f: Format, channels, tiled):
+def _quant_dequant(x, f: Format, channels, tiled):
   q = qwix.quantize(x, f.qtype, channelwise_axes=channels, tiled_axes=tiled,
                     calibration_method=f.calibration)
   return qwix.dequantize(q).astype(jnp.float32)
@@ -151,7 +149,7 @@ def fold_input_scales(model) -> tuple[dict, list[str]]:
   model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
   left = []
   for c in input_scale_consumers(model):
-    norm = _module(model, c.norm)
+    norm = module_at(model, c.norm)
     if c.transposed:
       left.append(c.name)
       continue
@@ -160,7 +158,7 @@ def fold_input_scales(model) -> tuple[dict, list[str]]:
     if gamma is None:
       continue
     for path in c.kernels:
-      kernel = _module(model, path)
+      kernel = module_at(model, path)
       kernel.set_value(kernel.get_value() * gamma[..., :, None])
     _reset_to_identity(form, norm)
   return R.params_of(model), left
@@ -170,7 +168,7 @@ def _reset_to_identity(form, norm: Norm):
   fresh = R.params_of(Norm(norm.spec, norm.dim, R.INPUT_SCALE, ('scale',)).scale)
   state = nnx.state(form, nnx.Param)
   current = nnx.to_pure_dict(state)
-  stacked = _stacked(form)
+  stacked = is_stacked(form)
   new = jax.tree.map(lambda f, c: jnp.broadcast_to(f, c.shape) if stacked else f,
                      fresh, current)
   nnx.replace_by_pure_dict(state, new)

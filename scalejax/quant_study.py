@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 
 from scalejax import roles as R
@@ -196,6 +197,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs each restore, twice
   os.makedirs(FLAGS.out, exist_ok=True)
   path = os.path.join(FLAGS.out, 'results.json')
   if FLAGS.replot:

@@ -93,7 +93,7 @@ class Consumer:
     return '/'.join(self.norm + (self.branch,))
 
 
-def _module(model, path):
+def module_at(model, path):
   for p in path:
     model = getattr(model, p)
   return model
@@ -116,10 +116,12 @@ def input_scale_consumers(model) -> list[Consumer]:
                      'scale_stats.FEEDS; add the linear maps their output feeds')
   out = []
   for norm_path, maps in FEEDS.items():
-    norm = _module(model, norm_path)
+    norm = module_at(model, norm_path)
     if norm is None:
       continue
     if norm_path not in input_norms:
+      if all(isinstance(getattr(norm, b), SCALE_FORMS['none']) for b in norm.branches):
+        continue  # the `none` form: normalization only, nothing to report or fold
       raise ValueError(f'{"/".join(norm_path)} is listed in FEEDS but its params do not '
                        'have role input_scale')
     transposed = False
@@ -139,7 +141,7 @@ def _flat(tree) -> dict[tuple[str, ...], object]:
           for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _stacked(module) -> bool:
+def is_stacked(module) -> bool:
   """Whether the module's params carry a leading `layers` axis (stacked blocks)."""
   axes = jax.tree.leaves(R.axes_tree(module), is_leaf=lambda x: isinstance(x, tuple))
   stacked = {'layers' in a for a in axes}
@@ -152,7 +154,7 @@ def form_gamma(form) -> jax.Array | None:
   """Effective gamma of one scale form: [layers, dim] if stacked, else [dim]."""
   graphdef, state = nnx.split(form)
   pure = nnx.to_pure_dict(state)
-  if _stacked(form):
+  if is_stacked(form):
     return jax.vmap(lambda s: nnx.merge(graphdef, s)())(pure)
   return form()
 
@@ -182,7 +184,7 @@ def column_sq_norms(model, consumer: Consumer) -> jax.Array:
   """||w_j||^2 of the map a consumer feeds: [layers, d_in] if stacked, else [d_in]."""
   total = 0.0
   for path in consumer.kernels:
-    w = jnp.asarray(_module(model, path)[...], jnp.float32)
+    w = jnp.asarray(module_at(model, path)[...], jnp.float32)
     # Linear kernels are [..., d_in, d_out]; the tied table is [vocab, d] = [d_out, d_in].
     total = total + jnp.sum(jnp.square(w), axis=-2 if consumer.transposed else -1)
   return total
@@ -192,7 +194,7 @@ def preconditioner_bounds(model) -> dict[str, tuple[jax.Array, jax.Array]]:
   """'<norm>/<branch>' -> (gamma^2, gamma^2 + ||w_j||^2), the eigenvalue bounds of P_j."""
   out = {}
   for c in input_scale_consumers(model):
-    gamma = form_gamma(getattr(_module(model, c.norm), c.branch))
+    gamma = form_gamma(getattr(module_at(model, c.norm), c.branch))
     if gamma is None:
       continue
     g2 = jnp.square(gamma)

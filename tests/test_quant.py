@@ -170,7 +170,7 @@ def test_fold_leaves_float_model_unchanged(variant, kw):
   chex.assert_trees_all_close(q_new, q_old * attn_gamma[:, :, None], rtol=1e-6)
 
 
-def test_fold_tied_head_leaves_final_norm_and_post_norm_is_refused():
+def test_fold_tied_head_no_scale_post_norm_and_bias():
   cfg = _cfg('baseline', tie_embeddings=True)
   graphdef, params, _, _ = _perturbed(cfg)
   folded, left = Q.fold_input_scales(nnx.merge(graphdef, params))
@@ -179,6 +179,8 @@ def test_fold_tied_head_leaves_final_norm_and_post_norm_is_refused():
   tokens = _tokens(cfg)
   chex.assert_trees_all_close(nnx.merge(graphdef, folded)(tokens),
                               nnx.merge(graphdef, params)(tokens), atol=2e-5, rtol=1e-4)
+  no_scale = build_model(_cfg('no_scale'))   # nothing to fold
+  chex.assert_trees_all_equal(Q.fold_input_scales(no_scale), (R.params_of(no_scale), []))
   with pytest.raises(ValueError, match='placement=pre or sandwich'):
     Q.fold_input_scales(build_model(_cfg('baseline', placement='post')))
   with pytest.raises(ValueError, match='norm_bias=False'):
