@@ -7,7 +7,8 @@
 
 Each run directory is a train.py workdir (config.json + checkpoints/). Writes
 results.json (one record per run, granularity, format and mode), results.md (tables of
-eval-loss increase over the float32 model) and quant_study.png.
+eval-loss increase over the float32 model, and contrasts between modes),
+quant_study.png and quant_vs_float_scales.png (each mode minus `except_scales`).
 """
 
 from __future__ import annotations
@@ -161,7 +162,12 @@ def _fmt(d: float) -> str:
   return f'{d:+.4f}' if abs(d) < 10 else f'{d:+.1f}'
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, relative_to: str | None = None) -> None:
+  """Eval-loss increase per format, a line per mode, a panel per run and granularity.
+
+  With `relative_to` (a mode), each line is the difference to that mode's loss, for
+  the modes that quantize at least the roles it quantizes (like with like).
+  """
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -174,16 +180,19 @@ def plot(results: list[dict], path: str) -> None:
       ax = axs[i][j]
       rr = [r for r in results if r['run'] == run and r['group_size'] == g]
       formats = list(dict.fromkeys(r['format'] for r in rr))
+      delta = {(r['mode'], r['format']): r['delta'] for r in rr}
       for mode in dict.fromkeys(r['mode'] for r in rr):
-        ys = [next(r['delta'] for r in rr if r['mode'] == mode and r['format'] == f)
-              for f in formats]
+        if relative_to and (mode == relative_to or not set(MODES[relative_to].quantize)
+                            <= set(MODES[mode].quantize)):
+          continue
+        ys = [delta[mode, f] - (delta[relative_to, f] if relative_to else 0) for f in formats]
         ax.plot(range(len(formats)), ys, marker='o', label=mode)
       ax.set_xticks(range(len(formats)), formats)
       ax.set_yscale('symlog', linthresh=1e-3)
       ax.axhline(0, color='k', lw=0.5)
       ax.set_title(f'{run} ({granularity(g)})', fontsize=10)
       if j == 0:
-        ax.set_ylabel('eval loss - float32 loss')
+        ax.set_ylabel(f'eval loss - {relative_to or "float32"} loss')
       ax.grid(alpha=0.3)
   axs[0][-1].legend(fontsize=7, loc='upper left')
   fig.tight_layout()
@@ -217,8 +226,10 @@ def main(argv):
   with open(os.path.join(FLAGS.out, 'results.md'), 'w') as f:
     f.write(table + '\n')
   plot(results, os.path.join(FLAGS.out, 'quant_study.png'))
+  if 'except_scales' in {r['mode'] for r in results}:
+    plot(results, os.path.join(FLAGS.out, 'quant_vs_float_scales.png'), 'except_scales')
   print(table)
-  print(f'wrote {FLAGS.out}/results.json, results.md, quant_study.png')
+  print(f'wrote {FLAGS.out}/results.json, results.md and plots')
 
 
 if __name__ == '__main__':
