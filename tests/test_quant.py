@@ -14,7 +14,6 @@ from scalejax import quant as Q
 from scalejax import roles as R
 from scalejax import trainer
 from scalejax.model import ModelConfig, build_model
-from scalejax.norms import Norm
 from scalejax.quant_study import contrasts, markdown, plot, study_run
 from scalejax.scale_stats import effective_scales
 
