@@ -30,14 +30,24 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return out['state'], out['data']
 
 
-def restore_params(workdir: str, abstract_params):
-  """Params only, from the newest checkpoint of another run (`init_from`)."""
+def steps(workdir: str) -> list[int]:
+  """Steps of the checkpoints kept in a run directory, oldest first."""
+  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+  return sorted(mngr.all_steps())
+
+
+def restore_params(workdir: str, abstract_params, step: int | None = None):
+  """Params only, from the newest (or the given step's) checkpoint of another run."""
   mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                item_handlers={'state': ocp.PyTreeCheckpointHandler()})
-  step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f'init_from={workdir!r} has no checkpoint under '
-                            f'{workdir}/checkpoints; point it at a finished run')
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'init_from={workdir!r} has no checkpoint under '
+                              f'{workdir}/checkpoints; point it at a finished run')
+  elif step not in mngr.all_steps():
+    raise ValueError(f'{workdir} has no checkpoint at step {step}; kept steps: '
+                     f'{sorted(mngr.all_steps())}')
   saved = mngr.item_metadata(step)['state']['params']
   _check_same_shapes(abstract_params, saved, workdir)
   target = {'params': abstract_params}

@@ -49,8 +49,8 @@ def generate(graphdef, params, tokenizer, prompt: str, n_tokens: int, context: i
   return tokenizer.decode(out)
 
 
-def load_run(workdir: str):
-  """(config, graphdef, params, tokenizer) from a run directory's newest checkpoint."""
+def load_run(workdir: str, step: int | None = None):
+  """(config, graphdef, params, tokenizer) from a run directory's newest (or `step`'s) checkpoint."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} a scalejax workdir?')
@@ -63,7 +63,7 @@ def load_run(workdir: str):
   graphdef, abstract_params = nnx.split(abstract)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         nnx.to_pure_dict(abstract_params))
-  params, _ = ckpt.restore_params(workdir, target)
+  params, _ = ckpt.restore_params(workdir, target, step)
   return cfg, graphdef, params, tokenizer
 
 

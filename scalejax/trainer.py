@@ -22,7 +22,8 @@ from scalejax import roles, sharding
 from scalejax.counting import flops_per_token, param_counts
 from scalejax.model import build_model, cross_entropy
 from scalejax.optim import build_optimizer, resolve_norm_decay
-from scalejax.scale_stats import role_means, scale_statistics
+from scalejax.scale_stats import (precond_means, preconditioner_statistics, role_means,
+                                  scale_statistics)
 from scalejax.weight_decay import decay_table
 
 log = logging.getLogger('scalejax')
@@ -157,11 +158,14 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     if eval_loss is not None:
       writer.write({'step': step, 'eval_loss': eval_loss})
       final['eval_loss'] = eval_loss
-    if is_main:
-      stats = scale_statistics(state['params'], run.roles, run.axes)
-      if stats:
-        writer.write({'step': step, 'scales': stats}, name='scale_stats')
-        writer.write({'step': step, **role_means(stats)}, name='scales')
+    # Every process computes (the kernels may be sharded across hosts); only the
+    # summary scalars come to the host, and only process 0's writer writes.
+    stats = scale_statistics(state['params'], run.roles, run.axes)
+    if stats:
+      precond = preconditioner_statistics(nnx.merge(run.graphdef, state['params']))
+      writer.write({'step': step, 'scales': stats, 'precond': precond}, name='scale_stats')
+      writer.write({'step': step, **role_means(stats), **precond_means(precond)},
+                   name='scales')
     return eval_loss
 
   with jax.set_mesh(run.mesh):
