@@ -46,8 +46,9 @@ def main(argv):
   except (ValueError, FileNotFoundError, faults.NonFiniteError) as e:
     _fail(e)
   if final['stopped']:
-    print(f'stopped by {final["stopped"]} after step {final["step"]}; the checkpoint is '
-          f'saved. To resume, rerun the same command:\n  {shlex.join([sys.executable] + sys.argv)}')
+    saved = '; the checkpoint is saved' if final['step'] else ''
+    print(f'stopped by {final["stopped"]} after step {final["step"]}{saved}. To resume, rerun '
+          f'the same command:\n  {shlex.join([sys.executable] + sys.argv)}')
     return
   run = final['run']
   summary = {k: final[k] for k in ('step', 'loss', 'eval_loss', 'tokens_per_sec') if k in final}

@@ -76,10 +76,17 @@ class StopRequest:
     if self._multihost and signum != signal.SIGTERM:
       os.kill(os.getpid(), signal.SIGTERM)  # let JAX's preemption service coordinate
 
-  def should_stop(self, step: int) -> bool:
+  def should_stop(self, calls: int) -> bool:
+    """Whether to stop now; `calls` counts this process's checks: 0 before the first step,
+    then 1, 2, ... after each step (the same on every host).
+
+    The count, not the train step, is JAX's sync-point id: a notice that arrives before
+    the first check sets the sync point one past the last id seen, and ids that start
+    at 0 reach it where train steps resumed from a checkpoint would not.
+    """
     if self._multihost:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      stop = multihost_utils.reached_preemption_sync_point(step)
+      stop = multihost_utils.reached_preemption_sync_point(calls)
       if stop and self.signal_name is None:
         self.signal_name = 'preemption notice'
       return stop

@@ -180,7 +180,7 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
              dynamic_ncols=True)
   last = {'time': time.perf_counter(), 'step': start}
   final = {'step': start}
-  stopped = diverged = None
+  diverged = None
 
   def log_eval(step):
     eval_loss = evaluate(run, eval_step, state['params'])
@@ -194,8 +194,11 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
         writer.write({'step': step, **role_means(stats)}, name='scales')
     return eval_loss
 
+  # A signal during setup stops the run before its first step (nothing new to save).
+  stopped = stop_request.signal_name if stop_request.should_stop(0) else None
+  todo = range(start + 1, steps + 1) if not stopped else range(0)
   with jax.set_mesh(run.mesh):
-    for step in range(start + 1, steps + 1):
+    for step in todo:
       batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
       state, m = train_step(state, batch)
       # The previous step's verdict, read while this one runs; the last step's at once.
@@ -223,7 +226,7 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
         eval_loss = log_eval(step)
         if step == steps and is_main and eval_loss is not None:
           log.info('step %d: eval_loss %.4f', steps, eval_loss)
-      if stop_request.should_stop(step):  # every step: on several hosts it is a sync point
+      if stop_request.should_stop(step - start):  # every step: a sync point across hosts
         stopped = stop_request.signal_name
       done = (step == steps or stopped or diverged
               or (stop_at is not None and step >= stop_at))

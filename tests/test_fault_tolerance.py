@@ -144,6 +144,27 @@ def test_sigint_in_process_stops_after_the_step_and_restores_handlers(tmp_path):
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_second_signal_stops_at_once_and_a_signal_during_setup_stops_before_step_1(
+    tmp_path, monkeypatch):
+  with faults.StopRequest() as request:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert request.should_stop(1) and request.signal_name == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # the handler runs between bytecodes; it raises before this ends
+
+  build = trainer.build_run
+
+  def build_then_signal(*args):
+    out = build(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return out
+  monkeypatch.setattr(trainer, 'build_run', build_then_signal)
+  final = trainer.train(_cfg(steps=20), str(tmp_path))
+  assert final['stopped'] == 'SIGTERM' and final['step'] == 0
+  assert _committed(tmp_path) == [] and not (tmp_path / 'metrics.jsonl').exists()
+
+
 # --- kill -9 ----------------------------------------------------------------------
 
 def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
