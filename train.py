@@ -4,15 +4,21 @@
         [--config.model.variant=unified --config.train.steps=500 ...]
 
 Rerunning the same command with the same --workdir resumes from the newest checkpoint.
+SIGTERM / Ctrl-C stop after the current step with a checkpoint saved (exit 0). A bad
+config, bad data or a run stopped by non-finite losses is one line on stderr (exit 1).
 """
 
+import ast
 import logging
+import re
+import shlex
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from scalejax import trainer
+from scalejax import faults, trainer
 from scalejax.sample import generate
 
 FLAGS = flags.FLAGS
@@ -31,7 +37,19 @@ def main(argv):
   log.addHandler(logging.StreamHandler())
   log.propagate = False
   cfg = FLAGS.config
-  final = trainer.train(cfg, FLAGS.workdir)
+  try:
+    cfg.train  # a config file that failed to load raises here, not at flag parsing
+  except OSError as e:
+    _fail(e)
+  try:
+    final = trainer.train(cfg, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, faults.NonFiniteError) as e:
+    _fail(e)
+  if final['stopped']:
+    saved = '; the checkpoint is saved' if final['step'] else ''
+    print(f'stopped by {final["stopped"]} after step {final["step"]}{saved}. To resume, rerun '
+          f'the same command:\n  {shlex.join([sys.executable] + sys.argv)}')
+    return
   run = final['run']
   summary = {k: final[k] for k in ('step', 'loss', 'eval_loss', 'tokens_per_sec') if k in final}
   print('final:', ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
@@ -42,5 +60,36 @@ def main(argv):
     print('--- sample ---\n' + cfg.train.sample_prompt + text + '\n--------------')
 
 
+def _fail(e: BaseException):
+  """Exits 1 with `train.py: error: MESSAGE` on one line, no traceback."""
+  msg = str(e)
+  lines = [l.strip() for l in msg.splitlines() if l.strip()]
+  if len(lines) > 1 and 'Traceback' in msg:  # an error inside a config file: keep its last line
+    msg = f'{lines[0].split("Traceback")[0]} {lines[-1]}'
+  if isinstance(e, KeyError) or msg[:1] in '"\'':  # ml_collections quotes KeyError text
+    try:
+      msg = str(ast.literal_eval(msg))
+    except (ValueError, SyntaxError):
+      pass
+  msg = ' '.join(msg.split()).replace(' Did you mean', '; did you mean')
+  msg = re.sub(r' Other fields present: ".*?"', '', msg)  # the whole section, on one line
+  missing = re.search(r"Failed loading config file .*No such file or directory: '(.*?)'", msg)
+  if missing:
+    msg = f'--config {missing.group(1)}: no such config file'
+  if isinstance(e, (AttributeError, KeyError)) and msg.startswith("'"):
+    msg = f'unknown config key {msg}'
+  print(f'train.py: error: {msg}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _parse_flags(argv):
+  """absl's parser, but a bad --config file or override is one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError,
+          SyntaxError) as e:
+    _fail(e)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

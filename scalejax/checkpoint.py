@@ -1,19 +1,39 @@
-"""Orbax checkpoints of the train state plus the data iterator's position."""
+"""Orbax checkpoints of the train state plus the data iterator's position.
+
+Crash safety comes from Orbax: a step is written to a temporary directory and renamed
+into place when complete (the commit), and old steps beyond `keep` are deleted only
+after a newer one has committed. What Orbax cannot know is whether a committed step
+was damaged later (a truncated file, a missing item): `restore_latest` tries the
+newest step first, moves a step that fails to `damaged_checkpoints/` with a warning
+naming the error, and falls back to the next older one.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
+from scalejax import faults
+
+log = logging.getLogger('scalejax')
+
 
 def manager(workdir: str, keep: int = 3, async_save: bool = False) -> ocp.CheckpointManager:
+  # cleanup_tmp_directories: a save cut short by a kill leaves a temporary directory
+  # that is never a checkpoint; remove it when the run restarts.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+                                         enable_async_checkpointing=async_save,
+                                         cleanup_tmp_directories=True)
   handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options, item_handlers=handlers)
+  return ocp.CheckpointManager(_dir(workdir), options=options, item_handlers=handlers)
+
+
+def _dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
@@ -24,7 +44,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict) -> Non
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """Returns (state, data_state) with `abstract_state`'s shardings."""
+  """Returns (state, data_state) with `abstract_state`'s shardings (any mesh)."""
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   return out['state'], out['data']
@@ -32,13 +52,70 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
 
 def steps(workdir: str) -> list[int]:
   """Steps of the checkpoints kept in a run directory, oldest first."""
-  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
-  return sorted(mngr.all_steps())
+  return sorted(ocp.CheckpointManager(_dir(workdir)).all_steps())
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str):
+  """(step, state, data_state) from the newest undamaged step, or None if none exist.
+
+  A step whose saved shapes differ from `abstract_state` is a config problem, not
+  damage: that raises ValueError naming the param and both shapes. A step that fails
+  to read is moved to WORKDIR/damaged_checkpoints/STEP (never deleted) and the next
+  older step is tried; if every step fails, ValueError lists them all.
+  """
+  problems = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      saved = mngr.item_metadata(step)['state']
+      if saved is None:
+        raise FileNotFoundError('the state item is missing')
+    except Exception as e:  # pylint: disable=broad-except
+      problem = _describe(e)
+    else:
+      check_shapes(abstract_state, saved, f'checkpoint {_dir(workdir)}/{step}')
+      try:
+        state, data_state = restore(mngr, step, abstract_state)
+        problem = None
+      except Exception as e:  # pylint: disable=broad-except
+        problem = _describe(e)
+    if faults.all_hosts_agree(problem is None):
+      if problems:
+        log.warning('resuming from step %d, the newest undamaged checkpoint', step)
+      return step, state, data_state
+    problem = problem or 'another host could not read it'
+    moved = _quarantine(mngr, step, workdir)
+    log.warning('checkpoint step %d in %s is damaged (%s); moved it to %s and trying an '
+                'older one', step, _dir(workdir), problem, moved)
+    problems.append(f'step {step}: {problem}')
+  if problems:
+    raise ValueError(f'no readable checkpoint in {_dir(workdir)} ({"; ".join(problems)}); '
+                     'they were moved to damaged_checkpoints/; rerun to start from step 0 '
+                     'or restore a backup')
+  return None
+
+
+def _describe(e: Exception) -> str:
+  first = str(e).strip().split('\n')[0]
+  return f'{type(e).__name__}: {first[:200]}'
+
+
+def _quarantine(mngr: ocp.CheckpointManager, step: int, workdir: str) -> str:
+  dest = os.path.join(os.path.abspath(workdir), 'damaged_checkpoints', str(step))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.exists(dest):
+      shutil.rmtree(dest)
+    os.replace(os.path.join(_dir(workdir), str(step)), dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'scalejax_quarantine_{step}')
+  mngr.reload()
+  return dest
 
 
 def restore_params(workdir: str, abstract_params, step: int | None = None):
   """Params only, from the newest (or the given step's) checkpoint of another run."""
-  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+  mngr = ocp.CheckpointManager(_dir(workdir),
                                item_handlers={'state': ocp.PyTreeCheckpointHandler()})
   if step is None:
     step = mngr.latest_step()
@@ -49,7 +126,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
     raise ValueError(f'{workdir} has no checkpoint at step {step}; kept steps: '
                      f'{sorted(mngr.all_steps())}')
   saved = mngr.item_metadata(step)['state']['params']
-  _check_same_shapes(abstract_params, saved, workdir)
+  check_shapes(abstract_params, saved, f'init_from={workdir}', params_only=True)
   target = {'params': abstract_params}
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, partial_restore=True,
@@ -57,15 +134,32 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
   return out['state']['params'], step
 
 
-def _check_same_shapes(want, saved, workdir):
-  want_flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(want)}
-  saved_flat = {jax.tree_util.keystr(p): v
-                for p, v in jax.tree_util.tree_leaves_with_path(saved)}
-  for name, w in want_flat.items():
+def check_shapes(want, saved, where: str, params_only: bool = False) -> None:
+  """ValueError naming the first leaf of `want` that `saved` lacks or shapes differently.
+
+  Leaves are matched by path ("['params']['blocks']['attn']['q']['kernel']"), so the
+  error names the param; a dtype difference is only logged (the restore casts).
+  With `params_only`, leaves of `saved` that `want` lacks are fine.
+  """
+  what = 'param ' if params_only else ''
+  want_flat, saved_flat = _by_path(want), _by_path(saved)
+  # Params first: their name is the one that explains a mismatch in the optimizer state.
+  for name, w in sorted(want_flat.items(), key=lambda kv: not kv[0].startswith("['params']")):
     if name not in saved_flat:
-      raise ValueError(f'init_from={workdir}: param {name} is not in the checkpoint '
-                       '(different variant or model shape?)')
+      raise ValueError(f'{where}: {what}{name} is not in the checkpoint (different variant, '
+                       'model shape or optimizer?)')
     s = saved_flat[name]
     if tuple(s.shape) != tuple(w.shape):
-      raise ValueError(f'init_from={workdir}: param {name} has shape {tuple(s.shape)} in '
-                       f'the checkpoint but {tuple(w.shape)} in this model')
+      raise ValueError(f'{where}: {what}{name} has shape {tuple(s.shape)} in the checkpoint but '
+                       f'{tuple(w.shape)} in this model')
+    if s.dtype is not None and s.dtype != w.dtype:
+      log.warning('%s: %s is %s in the checkpoint, %s here: cast on restore', where, name,
+                  s.dtype, w.dtype)
+  extra = sorted(set(saved_flat) - set(want_flat))
+  if extra and not params_only:
+    raise ValueError(f'{where}: the checkpoint has {extra[0]}, which this run lacks '
+                     '(different variant, model shape or optimizer?)')
+
+
+def _by_path(tree) -> dict:
+  return {faults.path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}

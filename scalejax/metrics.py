@@ -46,16 +46,20 @@ def device_peak_flops(device=None) -> tuple[float, str]:
 
 
 class Writer:
-  """Appends JSON records to DIR/NAME.jsonl and scalars to TensorBoard."""
+  """Appends JSON records to DIR/NAME.jsonl and scalars to TensorBoard.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `purge_step`: TensorBoard drops events at or after this step from earlier event
+  files (a resumed run redoes them).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, purge_step: int | None = None):
     self.enabled = enabled
     self.workdir = workdir
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(workdir)
+      self._tb = SummaryWriter(workdir, purge_step=purge_step)
 
   def write(self, record: dict, name: str = 'metrics') -> None:
     if not self.enabled:

@@ -17,11 +17,12 @@ from tqdm import tqdm
 from scalejax import checkpoint as ckpt
 from scalejax import config as config_lib
 from scalejax import data as data_lib
+from scalejax import faults
 from scalejax import metrics as metrics_lib
 from scalejax import roles, sharding
 from scalejax.counting import flops_per_token, param_counts
 from scalejax.model import build_model, cross_entropy
-from scalejax.optim import build_optimizer, resolve_norm_decay
+from scalejax.optim import build_optimizer, make_schedule, resolve_norm_decay
 from scalejax.scale_stats import (precond_means, preconditioner_statistics, role_means,
                                   scale_statistics)
 from scalejax.weight_decay import decay_table
@@ -65,11 +66,13 @@ def build_run(cfg, workdir: str | None) -> tuple[Run, dict]:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
                                  transform_non_params=lambda _: replicated)
-  state_sh = {'params': param_sh, 'opt_state': opt_sh, 'step': replicated}
+  state_sh = {'params': param_sh, 'opt_state': opt_sh, 'step': replicated,
+              **{k: replicated for k in faults.counters()}}
 
   def init():
     params = roles.params_of(build_model(model_cfg, cfg.seed))
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
+            **faults.counters()}
 
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=state_sh)()
@@ -84,13 +87,19 @@ def loss_fn(graphdef, params, batch):
 
 
 def make_train_step(run: Run):
+  bad_limit = faults.bad_step_limit(run.cfg.train)
+
   def step(state, batch):
     loss, grads = jax.value_and_grad(loss_fn, argnums=1)(run.graphdef, state['params'], batch)
     updates, opt_state = run.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    # A step with a non-finite loss, gradient or update keeps the old params and
+    # optimizer state and is counted (faults.py).
+    kept, fault_metrics = faults.guard_step(
+        state, {'params': params, 'opt_state': opt_state}, loss, grads, updates, bad_limit)
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-               'lr': run.schedule(state['step'])}
-    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+               'lr': run.schedule(state['step']), **fault_metrics}
+    return {**kept, 'step': state['step'] + 1}, metrics
   return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
 
 
@@ -113,29 +122,48 @@ def _abstract(state, shardings):
 def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final metrics.
 
-  `stop_at` ends the process early after saving that step, as an interruption
+  SIGTERM/SIGINT end the run after the current step with a checkpoint saved; the
+  result's 'stopped' names the signal (None when the run finished). Too many
+  non-finite steps in a row raise faults.NonFiniteError, with the last good state
+  saved. `stop_at` ends the process early after saving that step, as an interruption
   would (used by tests; the run resumes from there when called again).
   """
+  config_lib.validate(cfg)  # bad input fails here: nothing is written or compiled yet
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  run, state = build_run(cfg, workdir)
   mngr = ckpt.manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-  writer = metrics_lib.Writer(workdir, enabled=is_main)
+  check_workdir_config(cfg, workdir, mngr.latest_step())
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_lib.to_json(cfg))
+    faults.atomic_write(os.path.join(workdir, 'config.json'), config_lib.to_json(cfg))
 
-  start = mngr.latest_step()
-  if start is not None:
-    state, data_state = ckpt.restore(mngr, start, _abstract(state, run.state_shardings))
+  with faults.StopRequest() as stop_request:
+    return _train(cfg, workdir, stop_at, mngr, stop_request, is_main)
+
+
+def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
+  run, state = build_run(cfg, workdir)
+  found = ckpt.restore_latest(mngr, _abstract(state, run.state_shardings), workdir)
+  if found is not None:
+    step, state, data_state = found
     run.data.train_iter.set_state(data_state)
-    log.info('resumed from step %d in %s', start, workdir)
+    log.info('resumed from step %d in %s', step, workdir)
   elif cfg.init_from:
     params, src_step = ckpt.restore_params(cfg.init_from, _abstract(
         state['params'], run.state_shardings['params']))
     state = dict(state, params=params)
     log.info('params initialised from %s (step %d); fresh optimizer', cfg.init_from, src_step)
   start = int(state['step'])
+  if int(state['bad_streak']) >= faults.bad_step_limit(cfg.train):
+    # The run stopped on non-finite steps and is rerun: give it a fresh chance.
+    state = dict(state, bad_streak=jax.device_put(jnp.zeros((), jnp.int32),
+                                                  run.state_shardings['bad_streak']))
+  steps = cfg.train.steps
+  if start > steps:
+    log.warning('the checkpoint is at step %d, past train.steps=%d: nothing to train',
+                start, steps)
+  if is_main:  # records of steps after the checkpoint are redone below
+    faults.truncate_records(workdir, start)
+  writer = metrics_lib.Writer(workdir, enabled=is_main, purge_step=start + 1)
 
   counts = param_counts(run.model_cfg)
   flops_tok = flops_per_token(run.model_cfg, cfg.train.seq_len)
@@ -147,11 +175,13 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
              decay_table(state['params'], run.roles, run.rates), peak, peak_src)
 
   train_step, eval_step = make_train_step(run), make_eval_step(run)
+  watch = faults.NonFiniteWatch(cfg.train)
   tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-  steps = cfg.train.steps
-  bar = tqdm(total=steps, initial=start, disable=not is_main, desc='train', dynamic_ncols=True)
+  bar = tqdm(total=steps, initial=min(start, steps), disable=not is_main, desc='train',
+             dynamic_ncols=True)
   last = {'time': time.perf_counter(), 'step': start}
-  final = {}
+  final = {'step': start}
+  diverged = None
 
   def log_eval(step):
     eval_loss = evaluate(run, eval_step, state['params'])
@@ -168,10 +198,15 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
                    name='scales')
     return eval_loss
 
+  # A signal during setup stops the run before its first step (nothing new to save).
+  stopped = stop_request.signal_name if stop_request.should_stop(0) else None
+  todo = range(start + 1, steps + 1) if not stopped else range(0)
   with jax.set_mesh(run.mesh):
-    for step in range(start + 1, steps + 1):
+    for step in todo:
       batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
       state, m = train_step(state, batch)
+      # The previous step's verdict, read while this one runs; the last step's at once.
+      diverged = watch.push(step, m) or (watch.flush() if step == steps else None)
       if step % cfg.train.log_every == 0 or step == steps:
         m = jax.device_get(m)
         now = time.perf_counter()
@@ -180,29 +215,73 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
                if last['step'] != start or step == steps else float('nan'))
         last.update(time=now, step=step)
         rec = {'step': step, 'loss': float(m['loss']), 'lr': float(m['lr']),
-               'grad_norm': float(m['grad_norm']), 'tokens_per_sec': tps,
-               'mfu': tps * flops_tok / peak_total}
+               'grad_norm': float(m['grad_norm']), 'bad_steps': int(m['bad_steps']),
+               'tokens_per_sec': tps, 'mfu': tps * flops_tok / peak_total}
         writer.write(rec)
         final.update(rec)
         bar.set_postfix(loss=f'{rec["loss"]:.3f}', tok_s=f'{tps:,.0f}')
       bar.update(1)
+      final['step'] = step
       paused = time.perf_counter()
-      if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
-        log_eval(step)
-      if step % cfg.checkpoint.every == 0 or step == steps:
+      # Every record of a step is written before its checkpoint: a run resumed from
+      # that checkpoint finds them all (and truncate_records drops any later ones).
+      if not diverged and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
+                           or step == steps):
+        eval_loss = log_eval(step)
+        if step == steps and is_main and eval_loss is not None:
+          log.info('step %d: eval_loss %.4f', steps, eval_loss)
+      if stop_request.should_stop(step - start):  # every step: a sync point across hosts
+        stopped = stop_request.signal_name
+      done = (step == steps or stopped or diverged
+              or (stop_at is not None and step >= stop_at))
+      if step % cfg.checkpoint.every == 0 or done:
         ckpt.save(mngr, step, state, run.data.train_iter.get_state())
       last['time'] += time.perf_counter() - paused  # eval and saves are not step time
-      if stop_at is not None and step >= stop_at:
-        ckpt.save(mngr, step, state, run.data.train_iter.get_state())
+      if done:
         break
     bar.close()
-    if start < steps and int(state['step']) == steps:
-      eval_loss = log_eval(steps)
-      if is_main and eval_loss is not None:
-        log.info('step %d: eval_loss %.4f', steps, eval_loss)
-  mngr.wait_until_finished()
+  mngr.wait_until_finished()  # an async save commits before the process may exit
   mngr.close()
   writer.close()
+  where = os.path.join(os.path.abspath(workdir), 'checkpoints', str(final['step']))
+  if diverged:
+    raise faults.NonFiniteError(f'{diverged}; checkpoint: {where}')
+  if stopped:
+    log.warning('stopped by %s after step %d; checkpoint saved in %s', stopped,
+                final['step'], where)
+  final['stopped'] = stopped
   final['state'] = state
   final['run'] = run
   return final
+
+
+def check_workdir_config(cfg, workdir: str, checkpoint_step: int | None) -> None:
+  """Refuses to resume a workdir whose config.json differs in what is trained.
+
+  Differences in RESUMABLE_CHANGES (train.steps, logging, checkpointing, mesh ...) are
+  logged; any other difference is a ValueError listing them all, unless
+  train.allow_config_change is set. Runs only when there is a checkpoint to resume.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if checkpoint_step is None or not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  refused, allowed = config_lib.resume_changes(saved, cfg)
+  if refused and not cfg.train.allow_config_change:
+    raise ValueError(
+        f'{workdir} holds a run with a different config ({"; ".join(refused)}); use a new '
+        '--workdir, or pass --config.train.allow_config_change=True to resume it anyway')
+  if refused or allowed:
+    log.warning('resuming %s with config changes: %s', workdir, '; '.join(refused + allowed))
+    if jax.process_index() == 0:
+      faults.atomic_write(os.path.join(workdir, f'config.before_step{checkpoint_step}.json'),
+                          json.dumps(saved, indent=2, sort_keys=True))
+  old_steps = saved.get('train', {}).get('steps', cfg.train.steps)
+  if old_steps != cfg.train.steps:
+    old = float(make_schedule(cfg.optimizer, old_steps)(checkpoint_step))
+    new = float(make_schedule(cfg.optimizer, cfg.train.steps)(checkpoint_step))
+    if old != new:
+      log.warning('train.steps %d -> %d recomputes the %s lr schedule: the lr at step %d '
+                  'goes from %.3g to %.3g', old_steps, cfg.train.steps,
+                  cfg.optimizer.schedule, checkpoint_step, old, new)
