@@ -59,8 +59,8 @@ def model_config(cfg, vocab_size: int) -> ModelConfig:
   return ModelConfig(**fields)
 
 
-def validate(cfg) -> None:
-  """One clear line per bad value, before any compilation."""
+def validate(cfg, n_devices: int | None = None) -> None:
+  """One clear line per bad value, before any compilation (mesh checked for n_devices)."""
   t = cfg.train
   checks = [
       (t.steps > 0, 'train.steps must be positive'),
@@ -86,7 +86,7 @@ def validate(cfg) -> None:
                      f'{", ".join(optim.SCHEDULES)}')
   if cfg.optimizer.norm_decay != 'variant':
     optim.role_rates(cfg.optimizer, 'none')
-  sharding.mesh_shape(cfg.mesh, jax.device_count())
+  sharding.mesh_shape(cfg.mesh, jax.device_count() if n_devices is None else n_devices)
 
 
 def to_json(cfg) -> str:

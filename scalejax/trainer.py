@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from scalejax import checkpoint as ckpt
 from scalejax import config as config_lib
+from scalejax import distributed
 from scalejax import data as data_lib
 from scalejax import metrics as metrics_lib
 from scalejax import roles, sharding
@@ -44,10 +45,16 @@ class Run:
   data: data_lib.Data
 
 
-def build_run(cfg, workdir: str | None) -> tuple[Run, dict]:
-  """Returns the run and a freshly initialised (sharded) train state."""
-  config_lib.validate(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
+def build_run(cfg, workdir: str | None, devices=None, abstract: bool = False
+              ) -> tuple[Run, dict]:
+  """Returns the run and a freshly initialised (sharded) train state.
+
+  `devices` (default: all) may be compile-only devices of a TPU topology (aot.py); with
+  `abstract` the state is ShapeDtypeStructs carrying their shardings, nothing allocated.
+  """
+  devices = jax.devices() if devices is None else devices
+  config_lib.validate(cfg, len(devices))
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   data = data_lib.build_data(
       cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir)
@@ -71,30 +78,39 @@ def build_run(cfg, workdir: str | None) -> tuple[Run, dict]:
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=state_sh)()
+    state = (_abstract(jax.eval_shape(init), state_sh) if abstract
+             else jax.jit(init, out_shardings=state_sh)())
   run = Run(cfg, model_cfg, mesh, graphdef, role_tree, axes_tree, tx, schedule, rates,
             state_sh, data)
   return run, state
 
 
 def loss_fn(graphdef, params, batch):
-  logits = nnx.merge(graphdef, params)(batch['inputs'])
-  return cross_entropy(logits, batch['targets'])
+  """Returns (training loss, metrics): cross-entropy plus the weighted MoE aux losses.
+
+  The metrics hold the cross-entropy as `loss` (comparable between dense and MoE
+  models) and the MoE router statistics (moe_lb_loss, moe_z_loss, moe_drop_frac).
+  """
+  model = nnx.merge(graphdef, params)
+  logits, aux = model.forward(batch['inputs'])
+  ce = cross_entropy(logits, batch['targets'])
+  return ce + model.aux_loss(aux), {'loss': ce, **aux}
 
 
 def make_train_step(run: Run):
   def step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn, argnums=1)(run.graphdef, state['params'], batch)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        run.graphdef, state['params'], batch)
     updates, opt_state = run.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {**metrics, 'grad_norm': optax.global_norm(grads),
                'lr': run.schedule(state['step'])}
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
   return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
 
 
 def make_eval_step(run: Run):
-  return jax.jit(lambda params, batch: loss_fn(run.graphdef, params, batch))
+  return jax.jit(lambda params, batch: loss_fn(run.graphdef, params, batch)[1]['loss'])
 
 
 def evaluate(run: Run, eval_step, params) -> float | None:
@@ -115,6 +131,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   `stop_at` ends the process early after saving that step, as an interruption
   would (used by tests; the run resumes from there when called again).
   """
+  distributed.maybe_initialize()  # before anything touches a JAX backend
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   run, state = build_run(cfg, workdir)
@@ -177,7 +194,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
         last.update(time=now, step=step)
         rec = {'step': step, 'loss': float(m['loss']), 'lr': float(m['lr']),
                'grad_norm': float(m['grad_norm']), 'tokens_per_sec': tps,
-               'mfu': tps * flops_tok / peak_total}
+               'mfu': tps * flops_tok / peak_total,
+               **{k: float(v) for k, v in m.items() if k.startswith('moe_')}}
         writer.write(rec)
         final.update(rec)
         bar.set_postfix(loss=f'{rec["loss"]:.3f}', tok_s=f'{tps:,.0f}')
