@@ -137,8 +137,15 @@ def compile_train_step(cfg, topology: str = 'cpu'):
   return report, compiled
 
 
+def _size(b: float) -> str:
+  for unit, scale in (('GiB', GIB), ('MiB', 1024**2), ('KiB', 1024)):
+    if b >= scale:
+      return f'{b / scale:8.2f} {unit}'
+  return f'{b:8.0f} B  '
+
+
 def format_report(r: Report) -> str:
-  g = lambda b: f'{b / GIB:8.2f} GiB'
+  g = _size
   mesh = ' '.join(f'{k}={v}' for k, v in r.mesh.items())
   if r.hbm_bytes is None:
     verdict = ''
@@ -150,7 +157,7 @@ def format_report(r: Report) -> str:
     f'topology      {r.topology}: {r.devices} x {r.device_kind}',
     f'mesh          {mesh}',
     f'batch         {r.batch_size} x {r.seq_len} tokens '
-    f'({r.batch_size / r.devices:g} sequences per device)',
+    f'({r.batch_size / r.devices:g} per device)',
     f'params        {r.params:,}',
     f'compile       {r.compile_s:.1f} s',
     'memory per device (compiled.memory_analysis):',

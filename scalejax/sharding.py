@@ -21,7 +21,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     'batch': ('data', 'fsdp', 'expert'),
     'seq': None,
-    'embed': 'fsdp',
+    'embed': ('fsdp', 'expert'),  # dense params are also FSDP-sharded over the expert axis
     'mlp': 'tensor',
     'heads': 'tensor',
     'kv_heads': 'tensor',
