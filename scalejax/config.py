@@ -77,10 +77,11 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                      'mesh.*', 'init_from', 'data.tfds_data_dir')
 
 
-def validate(cfg) -> None:
+def validate(cfg, n_devices: int | None = None) -> None:
   """Raises ValueError with one line naming the first bad value and its fix.
 
-  Runs before anything is built or compiled. Unknown keys and wrong types never get
+  Runs before anything is built or compiled; the mesh is checked against
+  `n_devices` (default: this process's jax.device_count()). Unknown keys and wrong types never get
   here: the locked ConfigDict rejects them when the config is loaded or overridden.
   """
   t, m, o = cfg.train, cfg.model, cfg.optimizer
@@ -132,7 +133,8 @@ def validate(cfg) -> None:
                      f'{", ".join(optim.SCHEDULES)}')
   if o.norm_decay != 'variant':
     optim.role_rates(o, 'none')
-  sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, jax.device_count())))
+  sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
+      cfg.mesh, jax.device_count() if n_devices is None else n_devices)))
   shards = sizes['data'] * sizes['fsdp'] * sizes['expert']  # the `batch` logical axis
   if t.batch_size % shards:
     raise ValueError(f'train.batch_size={t.batch_size} is not divisible by the {shards} batch '
@@ -149,8 +151,8 @@ def _validate_moe(cfg) -> None:
   m = cfg.model
   experts = next((k for k in _MOE_EXPERTS if k in m), None)
   top_k = next((k for k in _MOE_TOP_K if k in m), None)
-  if experts is None or not m[experts]:
-    return  # no MoE in this build, or MoE off
+  if experts is None or not m[experts] or m.get('mlp', 'moe') != 'moe':
+    return  # no MoE in this build, or a dense MLP
   if m[experts] < 0:
     raise ValueError(f'model.{experts}={m[experts]} must be >= 0 (0: dense MLP)')
   if top_k is not None and not 1 <= m[top_k] <= m[experts]:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from scalejax import roles
+from scalejax import moe, roles, sharding
 from scalejax.layers import Attention, Embed, Linear, MLP
 from scalejax.norms import Norm, NormSpec
 from scalejax.variants import get_variant
@@ -29,6 +29,9 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# model.mlp -> (module, names of the linear maps its pre-norm feeds: one HG branch each)
+MLP_KINDS = {'dense': (MLP, ('gate', 'up')), 'moe': (moe.MoE, moe.MoE.BRANCHES)}
+RESIDUAL = ('act_batch', 'act_seq', 'act_embed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,15 @@ class ModelConfig:
   scan_unroll: int = 1          # >1 unrolls the layer scan (faster on CPU for few layers)
   attention_impl: str = ''      # '' lets XLA choose; 'cudnn' / 'xla' force one
   init_std: float = 0.02
+  mlp: str = 'dense'            # key of MLP_KINDS; 'moe': every layer's MLP is a moe.MoE
+  moe_experts: int = 8
+  moe_top_k: int = 2
+  moe_expert_ff: int = 0        # hidden width of each expert (0: the dense ff_dim)
+  moe_shared_ff: int = 0        # hidden width of an always-on shared expert (0: none)
+  moe_capacity_factor: float = 1.25  # >= moe_experts / moe_top_k: no token is dropped
+  moe_group_size: int = 0       # tokens per routing group (0: one sequence)
+  moe_lb_weight: float = 0.01   # load-balancing loss weight
+  moe_z_weight: float = 1e-3    # router z-loss weight
 
   def __post_init__(self):
     object.__setattr__(self, 'dual_targets', tuple(self.dual_targets))
@@ -75,6 +87,12 @@ class ModelConfig:
         (not (v.hg and self.placement == 'post'),
          f'variant {self.variant!r} uses HG, which needs a norm in front of each branch: '
          'use model.placement=pre or sandwich'),
+        (self.mlp in MLP_KINDS, f'model.mlp must be one of {tuple(MLP_KINDS)}'),
+        (self.mlp != 'moe' or 1 <= self.moe_top_k <= self.moe_experts,
+         f'model.moe_top_k={self.moe_top_k} must be between 1 and '
+         f'model.moe_experts={self.moe_experts}'),
+        (self.mlp != 'moe' or self.moe_capacity_factor > 0,
+         'model.moe_capacity_factor must be positive'),
     ]
     for ok, msg in checks:
       if not ok:
@@ -96,6 +114,10 @@ class ModelConfig:
   @property
   def ff_dim(self) -> int:
     return self.d_ff or int(8 * self.d_model / 3)
+
+  @property
+  def moe_ff_dim(self) -> int:
+    return self.moe_expert_ff or self.ff_dim
 
   @property
   def hg(self) -> bool:
@@ -133,26 +155,33 @@ class Block(nnx.Module):
     self.placement = cfg.placement
     self.attn_norm = Norm(spec, d, roles.INPUT_SCALE, branches=('q', 'k', 'v') if cfg.hg else ('scale',))
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = Norm(spec, d, roles.INPUT_SCALE, branches=('gate', 'up') if cfg.hg else ('scale',))
-    self.mlp = MLP(cfg, rngs=rngs)
+    mlp_cls, self.mlp_branches = MLP_KINDS[cfg.mlp]
+    self.mlp_norm = Norm(spec, d, roles.INPUT_SCALE, branches=self.mlp_branches if cfg.hg else ('scale',))
+    self.mlp = mlp_cls(cfg, rngs=rngs)
     sandwich = cfg.placement == 'sandwich'
     self.attn_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
     self.mlp_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
 
   def __call__(self, x_BxLxD, positions_L):
+    """Returns (x, aux): aux holds the MoE router statistics ({} for a dense MLP)."""
+    k = len(self.mlp_branches)
     if self.placement == 'post':
       x = self.attn_norm(x_BxLxD + self.attn(x_BxLxD, x_BxLxD, x_BxLxD, positions_L))
-      return self.mlp_norm(x + self.mlp(x, x))
+      m, aux = _with_aux(self.mlp(*_branches(x, k)))
+      return self.mlp_norm(x + m), aux
     h = _branches(self.attn_norm(x_BxLxD), 3)
     a = self.attn(*h, positions_L)
     x = x_BxLxD + (a if self.attn_out_norm is None else self.attn_out_norm(a))
-    h = _branches(self.mlp_norm(x), 2)
-    m = self.mlp(*h)
-    return x + (m if self.mlp_out_norm is None else self.mlp_out_norm(m))
+    m, aux = _with_aux(self.mlp(*_branches(self.mlp_norm(x), k)))
+    return x + (m if self.mlp_out_norm is None else self.mlp_out_norm(m)), aux
 
 
 def _branches(out, k):
   return out if isinstance(out, tuple) else (out,) * k
+
+
+def _with_aux(out):
+  return out if isinstance(out, tuple) else (out, {})
 
 
 class Decoder(nnx.Module):
@@ -175,21 +204,31 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     """Returns float32 logits [B, L, V]."""
+    return self.forward(tokens_BxL)[0]
+
+  def forward(self, tokens_BxL: jax.Array) -> tuple[jax.Array, dict]:
+    """Returns (float32 logits [B, L, V], MoE router statistics averaged over layers)."""
     cfg = self.cfg
-    x = self.embed(tokens_BxL, cfg.compute_dtype)
+    x = sharding.constrain(self.embed(tokens_BxL, cfg.compute_dtype), RESIDUAL)
     positions_L = jnp.arange(tokens_BxL.shape[1])
     graphdef, stacked = nnx.split(self.blocks)
 
     def body(x, layer_params):
-      return nnx.merge(graphdef, layer_params)(x, positions_L), None
+      x, aux = nnx.merge(graphdef, layer_params)(x, positions_L)
+      return sharding.constrain(x, RESIDUAL), aux
 
     if cfg.remat != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
+    x, aux_L = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
     if self.final_norm is not None:
       x = self.final_norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
-    return logits.astype(jnp.float32)
+    logits = sharding.constrain(logits.astype(jnp.float32), ('act_batch', 'act_seq', 'act_vocab'))
+    return logits, {k: jnp.mean(v) for k, v in aux_L.items()}
+
+  def aux_loss(self, aux: dict):
+    """Weighted MoE auxiliary losses to add to the cross-entropy (0 for dense models)."""
+    return moe.aux_loss(self.cfg, aux)
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:

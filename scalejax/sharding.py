@@ -21,7 +21,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     'batch': ('data', 'fsdp', 'expert'),
     'seq': None,
-    'embed': 'fsdp',
+    'embed': ('fsdp', 'expert'),  # dense params are also FSDP-sharded over the expert axis
     'mlp': 'tensor',
     'heads': 'tensor',
     'kv_heads': 'tensor',
@@ -29,6 +29,12 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     'expert': 'expert',
     'norm': None,
     'layers': None,
+    # activations (sharding.constrain): FSDP shards params, never an activation's features
+    'act_batch': ('data', 'fsdp', 'expert'),
+    'act_seq': None,
+    'act_embed': None,
+    'act_vocab': 'tensor',
+    'act_expert': 'expert',
 }
 
 
@@ -88,6 +94,18 @@ def tree_shardings(axes_tree, abstract_tree, mesh: Mesh):
   return jax.tree.map(
       lambda ax, a: NamedSharding(mesh, logical_spec(ax, a.shape, mesh)),
       axes_tree, abstract_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def constrain(x: jax.Array, axes) -> jax.Array:
+  """Pins an activation's layout by logical names inside `jax.set_mesh`; a no-op without one.
+
+  Used where GSPMD's propagation alone may pick a layout that costs a collective per
+  layer (the residual stream, logits, MoE dispatch buffers).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from scalejax import checkpoint as ckpt
 from scalejax import config as config_lib
+from scalejax import distributed
 from scalejax import data as data_lib
 from scalejax import faults
 from scalejax import metrics as metrics_lib
@@ -46,10 +47,16 @@ class Run:
   data: data_lib.Data
 
 
-def build_run(cfg, workdir: str | None) -> tuple[Run, dict]:
-  """Returns the run and a freshly initialised (sharded) train state."""
-  config_lib.validate(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
+def build_run(cfg, workdir: str | None, devices=None, abstract: bool = False
+              ) -> tuple[Run, dict]:
+  """Returns the run and a freshly initialised (sharded) train state.
+
+  `devices` (default: all) may be compile-only devices of a TPU topology (aot.py); with
+  `abstract` the state is ShapeDtypeStructs carrying their shardings, nothing allocated.
+  """
+  devices = jax.devices() if devices is None else devices
+  config_lib.validate(cfg, len(devices))
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   data = data_lib.build_data(
       cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, seed=cfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir)
@@ -75,36 +82,45 @@ def build_run(cfg, workdir: str | None) -> tuple[Run, dict]:
             **faults.counters()}
 
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=state_sh)()
+    state = (_abstract(jax.eval_shape(init), state_sh) if abstract
+             else jax.jit(init, out_shardings=state_sh)())
   run = Run(cfg, model_cfg, mesh, graphdef, role_tree, axes_tree, tx, schedule, rates,
             state_sh, data)
   return run, state
 
 
 def loss_fn(graphdef, params, batch):
-  logits = nnx.merge(graphdef, params)(batch['inputs'])
-  return cross_entropy(logits, batch['targets'])
+  """Returns (training loss, metrics): cross-entropy plus the weighted MoE aux losses.
+
+  The metrics hold the cross-entropy as `loss` (comparable between dense and MoE
+  models) and the MoE router statistics (moe_lb_loss, moe_z_loss, moe_drop_frac).
+  """
+  model = nnx.merge(graphdef, params)
+  logits, aux = model.forward(batch['inputs'])
+  ce = cross_entropy(logits, batch['targets'])
+  return ce + model.aux_loss(aux), {'loss': ce, **aux}
 
 
 def make_train_step(run: Run):
   bad_limit = faults.bad_step_limit(run.cfg.train)
 
   def step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn, argnums=1)(run.graphdef, state['params'], batch)
+    (total, metrics), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        run.graphdef, state['params'], batch)
     updates, opt_state = run.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     # A step with a non-finite loss, gradient or update keeps the old params and
     # optimizer state and is counted (faults.py).
     kept, fault_metrics = faults.guard_step(
-        state, {'params': params, 'opt_state': opt_state}, loss, grads, updates, bad_limit)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+        state, {'params': params, 'opt_state': opt_state}, total, grads, updates, bad_limit)
+    metrics = {**metrics, 'grad_norm': optax.global_norm(grads),
                'lr': run.schedule(state['step']), **fault_metrics}
     return {**kept, 'step': state['step'] + 1}, metrics
   return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
 
 
 def make_eval_step(run: Run):
-  return jax.jit(lambda params, batch: loss_fn(run.graphdef, params, batch))
+  return jax.jit(lambda params, batch: loss_fn(run.graphdef, params, batch)[1]['loss'])
 
 
 def evaluate(run: Run, eval_step, params) -> float | None:
@@ -128,6 +144,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   saved. `stop_at` ends the process early after saving that step, as an interruption
   would (used by tests; the run resumes from there when called again).
   """
+  distributed.maybe_initialize()  # before anything touches a JAX backend
   config_lib.validate(cfg)  # bad input fails here: nothing is written or compiled yet
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -192,7 +209,11 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
     # summary scalars come to the host, and only process 0's writer writes.
     stats = scale_statistics(state['params'], run.roles, run.axes)
     if stats:
-      precond = preconditioner_statistics(nnx.merge(run.graphdef, state['params']))
+      # The preconditioner map (scale_stats.FEEDS) covers dense Pre-Norm/sandwich models;
+      # MoE experts and Post-Norm's residual-stream scales have no such map yet.
+      has_map = run.model_cfg.mlp == 'dense' and run.model_cfg.placement != 'post'
+      precond = (preconditioner_statistics(nnx.merge(run.graphdef, state['params']))
+                 if has_map else {})
       writer.write({'step': step, 'scales': stats, 'precond': precond}, name='scale_stats')
       writer.write({'step': step, **role_means(stats), **precond_means(precond)},
                    name='scales')
@@ -216,7 +237,8 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
         last.update(time=now, step=step)
         rec = {'step': step, 'loss': float(m['loss']), 'lr': float(m['lr']),
                'grad_norm': float(m['grad_norm']), 'bad_steps': int(m['bad_steps']),
-               'tokens_per_sec': tps, 'mfu': tps * flops_tok / peak_total}
+               'tokens_per_sec': tps, 'mfu': tps * flops_tok / peak_total,
+               **{k: float(v) for k, v in m.items() if k.startswith('moe_')}}
         writer.write(rec)
         final.update(rec)
         bar.set_postfix(loss=f'{rec["loss"]:.3f}', tok_s=f'{tps:,.0f}')

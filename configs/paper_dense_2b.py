@@ -1,0 +1,7 @@
+"""The paper's dense 2b size (see configs/paper_common.py)."""
+
+from configs.paper_common import paper_config
+
+
+def get_config():
+  return paper_config('dense_2b')

@@ -1,0 +1,203 @@
+"""Compile a config's real sharded train step for a TPU topology, on any machine.
+
+  python -m scalejax.aot --config configs/paper_dense_1b.py --topology v5p-8 \
+    [--config.train.batch_size=64 --config.mesh.fsdp=4 ...]
+
+No TPU is needed: with `libtpu` installed (`pip install "jax[tpu]==0.10.2"`) JAX
+describes a TPU slice (`jax.experimental.topologies.get_topology_desc`) whose devices
+can compile but not run. The step compiled is `trainer.make_train_step` on the
+abstract train state of `trainer.build_run`: the same mesh, shardings, donation and
+optimizer as a real run. Printed per device: memory from `compiled.memory_analysis()`
+(arguments, outputs, donated aliases, temporaries) against the chip's HBM, and the
+compiler's FLOP and byte estimates. `--topology cpu` compiles for this machine's
+devices instead (e.g. 8 emulated with XLA_FLAGS=--xla_force_host_platform_device_count=8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from scalejax import sharding, trainer
+from scalejax.counting import flops_per_token, param_counts
+
+# accelerator type -> topology name (chips); v4 and v5p types count TensorCores, two per
+# chip, and run one device per chip ("megacore").
+ACCELERATORS = {
+  'v4-8': 'v4:2x2x1', 'v4-16': 'v4:2x2x2', 'v4-32': 'v4:2x2x4', 'v4-64': 'v4:2x4x4',
+  'v4-128': 'v4:4x4x4',
+  'v5p-8': 'v5p:2x2x1', 'v5p-16': 'v5p:2x2x2', 'v5p-32': 'v5p:2x2x4', 'v5p-64': 'v5p:2x4x4',
+  'v5p-128': 'v5p:4x4x4', 'v5p-256': 'v5p:4x4x8',
+  'v5e-4': 'v5e:2x2', 'v5e-8': 'v5e:2x4', 'v5e-16': 'v5e:4x4', 'v5e-32': 'v5e:4x8',
+  'v5e-64': 'v5e:8x8', 'v5e-256': 'v5e:16x16',
+  'v6e-4': 'v6e:2x2', 'v6e-8': 'v6e:2x4', 'v6e-16': 'v6e:4x4', 'v6e-32': 'v6e:4x8',
+  'v6e-64': 'v6e:8x8', 'v6e-256': 'v6e:16x16',
+}
+HBM_GIB = {'v4': 32, 'v5p': 95, 'v5e': 16, 'v6e': 32}  # per chip, Cloud TPU docs
+GIB = 1024**3
+
+
+def topology_devices(topology: str):
+  """(compile-only devices, HBM bytes per device or None, topology name)."""
+  if topology == 'cpu':
+    return jax.devices(), None, 'cpu'
+  name = ACCELERATORS.get(topology, topology)
+  match = re.fullmatch(r'(v4|v5p|v5e|v6e):\d+(x\d+)+', name)
+  if not match:
+    raise ValueError(f'unknown --topology {topology!r}; use an accelerator type '
+                     f'({", ".join(ACCELERATORS)}), a topology like v5p:2x2x2, or cpu')
+  try:
+    import libtpu  # noqa: F401  (only to give a clear error below)
+  except ImportError:
+    raise RuntimeError('compiling for a TPU topology needs libtpu: '
+                       'pip install "jax[tpu]==0.10.2" (no TPU needed)') from None
+  from jax.experimental import topologies
+  kw = {'chip_config_name': 'megacore'} if match.group(1) == 'v4' else {}
+  devices = topologies.get_topology_desc(platform='tpu', topology_name=name, **kw).devices
+  return devices, HBM_GIB[match.group(1)] * GIB, name
+
+
+@dataclasses.dataclass
+class Report:
+  topology: str
+  devices: int
+  device_kind: str
+  mesh: dict
+  batch_size: int
+  seq_len: int
+  params: int
+  compile_s: float
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  hbm_bytes: int | None
+  flops: float | None            # compiler's estimate, per device
+  bytes_accessed: float | None   # compiler's estimate, per device
+  model_flops: float             # analytic (counting.flops_per_token), per device
+
+  @property
+  def total_bytes(self) -> int:
+    # Donated inputs are reused for outputs, so they count once.
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+        + self.code_bytes)
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
+
+
+def _prepare(cfg):
+  """AOT needs shapes, not text: with a fixed vocabulary, use synthetic data."""
+  cfg = cfg.copy_and_resolve_references()
+  if cfg.model.vocab_size > 0 and cfg.data.source != 'synthetic':
+    cfg.data.source = 'synthetic'
+  if cfg.data.source == 'synthetic':
+    if cfg.model.vocab_size > 0:
+      cfg.data.synthetic_vocab = cfg.model.vocab_size
+    # no eval step is compiled; the train iterator needs one window
+    cfg.data.update(eval_batches=0, eval_fraction=0.0, max_bytes=2 * (cfg.train.seq_len + 1))
+  return cfg
+
+
+def compile_train_step(cfg, topology: str = 'cpu'):
+  """Compiles the train step; returns (Report, compiled executable)."""
+  cfg = _prepare(cfg)
+  devices, hbm, name = topology_devices(topology)
+  run, state = trainer.build_run(cfg, None, devices=devices, abstract=True)
+  t = cfg.train
+  batch_sh = sharding.batch_sharding(run.mesh)
+  tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=batch_sh)
+  start = time.perf_counter()
+  with jax.set_mesh(run.mesh):
+    compiled = trainer.make_train_step(run).lower(
+      state, {'inputs': tokens, 'targets': tokens}).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, list):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  n_dev = len(devices)
+  model_flops = flops_per_token(run.model_cfg, t.seq_len) * t.batch_size * t.seq_len / n_dev
+  report = Report(
+    topology=name, devices=n_dev, device_kind=devices[0].device_kind,
+    mesh=dict(run.mesh.shape), batch_size=t.batch_size, seq_len=t.seq_len,
+    params=param_counts(run.model_cfg)['total'], compile_s=seconds,
+    argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+    alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+    code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=hbm,
+    flops=cost.get('flops'), bytes_accessed=cost.get('bytes accessed'),
+    model_flops=model_flops)
+  return report, compiled
+
+
+def _size(b: float) -> str:
+  for unit, scale in (('GiB', GIB), ('MiB', 1024**2), ('KiB', 1024)):
+    if b >= scale:
+      return f'{b / scale:8.2f} {unit}'
+  return f'{b:8.0f} B  '
+
+
+def format_report(r: Report) -> str:
+  g = _size
+  mesh = ' '.join(f'{k}={v}' for k, v in r.mesh.items())
+  if r.hbm_bytes is None:
+    verdict = ''
+  else:
+    verdict = (f', {100 * r.total_bytes / r.hbm_bytes:.0f}% of {r.hbm_bytes / GIB:.0f} GiB '
+               f'HBM: {"fits" if r.fits else "DOES NOT FIT"}')
+  est = lambda v, unit: 'n/a' if v is None else f'{v:.4g} {unit}'
+  return '\n'.join([
+    f'topology      {r.topology}: {r.devices} x {r.device_kind}',
+    f'mesh          {mesh}',
+    f'batch         {r.batch_size} x {r.seq_len} tokens '
+    f'({r.batch_size / r.devices:g} per device)',
+    f'params        {r.params:,}',
+    f'compile       {r.compile_s:.1f} s',
+    'memory per device (compiled.memory_analysis):',
+    f'  arguments   {g(r.argument_bytes)}   train state shard + batch',
+    f'  outputs     {g(r.output_bytes)}',
+    f'  aliased     {g(r.alias_bytes)}   donated state reused by the outputs',
+    f'  temporaries {g(r.temp_bytes)}',
+    f'  code        {g(r.code_bytes)}',
+    f'  total       {g(r.total_bytes)}   args + outputs - aliased + temps + code{verdict}',
+    'per device per step:',
+    f'  compiler    {est(r.flops, "FLOP")}, {est(r.bytes_accessed, "bytes accessed")} '
+    '(cost_analysis)',
+    f'  analytic    {r.model_flops:.4g} FLOP   (counting.flops_per_token: 6N + attention)',
+  ])
+
+
+def _cli():
+  from absl import app, flags
+  from ml_collections import config_flags
+  FLAGS = flags.FLAGS
+  config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)',
+                                  lock_config=True)
+  flags.DEFINE_string('topology', 'v5p-8', 'accelerator type (v5p-8, v4-32, v5e-16, ...), '
+                      'topology (v5p:2x2x2) or cpu')
+  flags.DEFINE_string('json', '', 'also write the report to this JSON file')
+  flags.mark_flag_as_required('config')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    report, _ = compile_train_step(FLAGS.config, FLAGS.topology)
+    print(f'config        {config_flags.get_config_filename(FLAGS["config"])}')
+    print(format_report(report))
+    if FLAGS.json:
+      with open(FLAGS.json, 'w') as f:
+        json.dump({**dataclasses.asdict(report), 'total_bytes': report.total_bytes,
+                   'fits': report.fits}, f, indent=2)
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _cli()

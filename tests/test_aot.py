@@ -1,0 +1,185 @@
+"""Paper configs and param report; ahead-of-time compiles; fused normalization in the HLO.
+
+TPU tests need `libtpu` (pip install "jax[tpu]==0.10.2"; no TPU needed) and are
+skipped without it.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from scalejax import aot, param_report, roles
+from scalejax.layers import Linear
+from scalejax.norms import Norm, NormSpec
+from scalejax.variants import get_variant
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import paper_common, tiny  # noqa: E402
+
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU, reason='libtpu not installed: pip install "jax[tpu]==0.10.2" to compile '
+                           'for TPU topologies on this machine')
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+
+def _run(*args, devices=1, extra_env=None):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}',
+             **(extra_env or {}))
+  out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+# --- paper sizes ------------------------------------------------------------------
+
+def test_param_report_reproduces_the_llama_1b_counts():
+  out = _run('-m', 'scalejax.param_report', '--config', 'configs/paper_dense_1b.py')
+  rows = dict((line[:18].strip(), line[18:].strip()) for line in out.splitlines())
+  assert rows['total params'] == '1,028,065,024'
+  assert rows['scale vectors'].startswith('80,640  (0.0078% of total)')
+  assert rows['non-embedding'].startswith(f'{1_028_065_024 - 50_304 * 1792:,}')
+  assert rows['active / token'].startswith('1,028,065,024')
+
+
+@pytest.mark.parametrize('name,total,active', [
+    ('dense_120m', (0.11e9, 0.14e9), None), ('dense_500m', (0.45e9, 0.55e9), None),
+    ('dense_2b', (1.9e9, 2.1e9), None),
+    ('moe_500m', (0.4e9, 0.55e9), (0.1e9, 0.2e9)), ('moe_2b', (1.9e9, 2.1e9), (0.4e9, 0.7e9))])
+def test_paper_configs_have_the_paper_sizes(name, total, active):
+  cfg = paper_common.paper_config(name)
+  _, counts = param_report.report(cfg)   # also checks counting.py against the built model
+  assert total[0] < counts['total'] < total[1]
+  lo, hi = active or total
+  assert lo < counts['active'] < hi
+  assert cfg.model.vocab_size == 50_304 and not cfg.model.tie_embeddings
+
+
+# --- ahead-of-time compilation ----------------------------------------------------
+
+def test_aot_on_8_cpu_devices_reports_sharded_memory(tmp_path):
+  report = tmp_path / 'r.json'
+  out = _run('-m', 'scalejax.aot', '--config', 'configs/tiny.py', '--topology', 'cpu',
+             '--config.model.d_ff=64', '--config.mesh.data=1', '--config.mesh.fsdp=4',
+             '--config.mesh.tensor=2', '--json', str(report), devices=8)
+  assert 'mesh          data=1 fsdp=4 tensor=1' not in out and 'fsdp=4 tensor=2' in out
+  r = json.loads(report.read_text())
+  cfg = tiny.get_config()
+  cfg.model.update(vocab_size=cfg.data.synthetic_vocab, d_ff=64)
+  _, counts = param_report.report(cfg)
+  state = 3 * 4 * counts['total']  # float32 params, Adam mu and nu
+  # Every kernel and the tables are split 4 or 8 ways; only norms and scalars replicate.
+  assert state / 8 < r['argument_bytes'] < state / 4
+  # The state is donated: all but the batch (at most 2 x 8 x 32 int32) is aliased.
+  assert 0 <= r['argument_bytes'] - r['alias_bytes'] <= 2 * 8 * 32 * 4
+  assert r['devices'] == 8 and r['total_bytes'] > r['argument_bytes']
+
+
+@needs_libtpu
+def test_aot_compiles_dense_and_moe_train_steps_for_a_v5p_slice():
+  cfg = tiny.get_config()
+  cfg.mesh.update(data=1, fsdp=-1)
+  dense, _ = aot.compile_train_step(cfg, 'v5p-8')
+  assert (dense.devices, dense.device_kind, dense.mesh['fsdp']) == (4, 'TPU v5', 4)
+  assert dense.fits and dense.hbm_bytes == 95 * 2**30 and dense.flops > 0
+  text = aot.format_report(dense)
+  assert 'fits' in text and 'v5p:2x2x1: 4 x TPU v5' in text
+
+  cfg.model.update(mlp='moe', moe_experts=4, moe_expert_ff=32, variant='unified')
+  cfg.mesh.update(fsdp=1, expert=4)
+  moe, _ = aot.compile_train_step(cfg, 'v5p-8')
+  assert moe.mesh['expert'] == 4 and moe.fits and moe.argument_bytes > 0
+
+
+def test_unknown_topology_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"unknown --topology 'v9-8'; use an accelerator type"):
+    aot.topology_devices('v9-8')
+
+
+# --- fused normalization ----------------------------------------------------------
+# A norm's scale vector(s) should ride in the fusions that compute the normalization
+# (and, on TPU, those feeding the following matmuls): compared with the same layer
+# without scales, the compiler's bytes-accessed estimate may grow only by the O(D)
+# scale params. One activation written and read back again would add 2 activations
+# of traffic, so a margin of 0.5 activation separates the two cleanly.
+
+B, L, D = 8, 128, 256
+ROUND_TRIP_MARGIN = 0.5
+
+
+class _Unit(nnx.Module):
+  """A pre-norm (HG branches or not) feeding three linear maps, with DP/DNP options."""
+
+  def __init__(self, scale='vector', hg=False, dual='none', dual_scale=None):
+    rngs = nnx.Rngs(0)
+    self.norm = Norm(NormSpec(scale=scale), D, roles.INPUT_SCALE,
+                     branches=('q', 'k', 'v') if hg else ('scale',))
+    inner = NormSpec(scale=dual_scale or scale)
+    self.lins = nnx.List([Linear(D, D, ('embed', 'mlp'), rngs=rngs, dual=dual, norm=inner)
+                          for _ in range(3)])
+
+  def __call__(self, x):
+    h = self.norm(x)
+    h = h if isinstance(h, tuple) else (h,) * 3
+    return sum(lin(hi) for lin, hi in zip(self.lins, h))
+
+
+def _traffic(unit, device, dtype, grad=False) -> float:
+  """Compiler's bytes accessed for forward (or forward + backward), in activations."""
+  graphdef, state = nnx.split(unit)
+  params = nnx.to_pure_dict(state)
+  loss = lambda p, x: jnp.sum(jnp.square(nnx.merge(graphdef, p)(x).astype(jnp.float32)))
+  fn = jax.grad(loss, argnums=(0, 1)) if grad else loss
+  sh = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+  x = jax.ShapeDtypeStruct((B, L, D), dtype, sharding=sh)
+  cost = jax.jit(fn).lower(jax.tree.map(spec, params), x).compile().cost_analysis()
+  return cost['bytes accessed'] / (B * L * D * jnp.dtype(dtype).itemsize)
+
+
+def _device(platform):
+  if platform == 'cpu':
+    return jax.devices('cpu')[0]
+  return aot.topology_devices('v5p-8')[0][0]
+
+
+def _variant_unit(name, **kw):
+  v = get_variant(name)
+  return _Unit(scale=v.scale, hg=v.hg, **kw)
+
+
+@pytest.mark.parametrize('platform', ['cpu', pytest.param('tpu', marks=needs_libtpu)])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_scale_vectors_and_hg_branches_fuse_into_the_normalization(platform, dtype):
+  device = _device(platform)
+  plain = _traffic(_variant_unit('no_scale'), device, dtype)
+  for name in ('baseline', 'magdir', 'magdir_unit', 'hg'):
+    extra = _traffic(_variant_unit(name), device, dtype) - plain
+    assert extra < ROUND_TRIP_MARGIN, (name, extra)
+  # DNP's intermediate normalization: its output-role scale u fuses into it as well.
+  no_u = _traffic(_Unit(dual='dnp', dual_scale='none'), device, dtype)
+  for form in ('vector', 'magdir'):
+    extra = _traffic(_Unit(dual='dnp', dual_scale=form), device, dtype) - no_u
+    assert extra < ROUND_TRIP_MARGIN, (form, extra)
+
+
+@needs_libtpu
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_on_tpu_the_scale_gradient_fuses_into_the_norm_backward(dtype):
+  # (XLA:CPU does not fuse the token reduction of d(gamma) with d(x): see docs/TPU.md.)
+  device = _device('tpu')
+  plain = _traffic(_variant_unit('no_scale'), device, dtype, grad=True)
+  for name in ('baseline', 'magdir'):
+    extra = _traffic(_variant_unit(name), device, dtype, grad=True) - plain
+    assert extra < ROUND_TRIP_MARGIN, (name, extra)
