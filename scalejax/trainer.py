@@ -89,6 +89,8 @@ def make_train_step(run: Run):
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
                'lr': run.schedule(state['step'])}
+    if run.cfg.optimizer.scale_lr_mult != 1.0:  # the study knob: scale vectors' own LR
+      metrics['scale_lr'] = metrics['lr'] * run.cfg.optimizer.scale_lr_mult
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
   return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
 
@@ -126,6 +128,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
 
   start = mngr.latest_step()
   if start is not None:
+    ckpt.check_opt_state(mngr, start, state['opt_state'], cfg.optimizer.name)
     state, data_state = ckpt.restore(mngr, start, _abstract(state, run.state_shardings))
     run.data.train_iter.set_state(data_state)
     log.info('resumed from step %d in %s', start, workdir)
@@ -144,6 +147,9 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
     log.info('model %s: %s params (%s in norms)\n%s\nMFU peak: %.3g FLOP/s per device (%s)',
              run.model_cfg.variant, f'{counts["total"]:,}', f'{counts["norm"]:,}',
              decay_table(state['params'], run.roles, run.rates), peak, peak_src)
+    log.info('optimizer %s, schedule %s, lr %g, scale-vector lr multiplier %g',
+             cfg.optimizer.name, cfg.optimizer.schedule, cfg.optimizer.lr,
+             cfg.optimizer.scale_lr_mult)
 
   train_step, eval_step = make_train_step(run), make_eval_step(run)
   tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -176,6 +182,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
                if last['step'] != start or step == steps else float('nan'))
         last.update(time=now, step=step)
         rec = {'step': step, 'loss': float(m['loss']), 'lr': float(m['lr']),
+               **({'scale_lr': float(m['scale_lr'])} if 'scale_lr' in m else {}),
                'grad_norm': float(m['grad_norm']), 'tokens_per_sec': tps,
                'mfu': tps * flops_tok / peak_total}
         writer.write(rec)
