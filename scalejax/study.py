@@ -73,9 +73,15 @@ def _with_post(suite: dict) -> dict:
   return out
 
 
+# In a plain Pre-Norm decoder every scale feeds a linear map (all are Input-Norms), so
+# the policies `all` and `iwd` coincide there. `@qk` repeats the decay policies on a
+# model with QK-norm, whose scales are Output-Norms, as in the Gemma runs of the paper.
+DECAY_QK = {f'{name}@qk': {**PAPER[name], 'model.qk_norm': True}
+            for name in ('baseline', 'decay_all', 'decay_none', 'decay_iwd')}
+
 SUITES: dict[str, dict] = {
     'paper': PAPER,
-    'paper_post': _with_post(PAPER),
+    'paper_post': {**_with_post(PAPER), **DECAY_QK},  # + Post-Norm and QK-norm counterparts
     'core': {k: PAPER[k] for k in ('baseline', 'no_scale', 'decay_iwd', 'unified')},
     'tiny': {k: PAPER[k] for k in ('baseline', 'no_scale')},
 }
@@ -417,9 +423,9 @@ def main(argv=None) -> dict:
   variants = args.variants or list(suite)
   if BASELINE not in variants:
     variants = [BASELINE] + variants  # every difference needs its reference
-  if any('@' in v for v in variants) and not any(v.startswith(BASELINE + '@') for v in variants):
-    post = {v.split('@')[1] for v in variants if '@' in v}
-    variants += [f'{BASELINE}@{p}' for p in sorted(post) if f'{BASELINE}@{p}' in suite]
+  for tag in sorted({v.split('@')[1] for v in variants if '@' in v}):
+    if f'{BASELINE}@{tag}' not in variants:  # e.g. X@post compares with baseline@post
+      variants.append(f'{BASELINE}@{tag}')
   config_path = os.path.abspath(args.config)
   trials = make_trials(suite, variants, args.seeds, args.optimizers, args.schedules, args.lrs,
                        parse_sets(args.set))
