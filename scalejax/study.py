@@ -7,8 +7,9 @@
 Each trial is its own `train.py` process writing into OUT/trials/<id>/. Rerunning the
 same command resumes the suite: finished trials are not rerun, an unfinished one resumes
 from its newest checkpoint, and a crashed trial is retried once (then reported as
-failed). Trials whose resolved configs are identical (e.g. `decay_none` and `baseline`,
-whose default scale decay is already 'none') are run once and shared. After the runs,
+failed). Trials whose resolved configs are identical are run once and shared: e.g.
+`decay_none` and `baseline` (whose default scale decay is already 'none'), or
+`decay_iwd` and `decay_all` on a plain Pre-Norm model, whose scales are all Input-Norms. After the runs,
 OUT/results.md, OUT/summary.json and OUT/*.png hold the aggregate:
 
   * per variant: mean and sample std (ddof=1) over seeds of the final eval loss;
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
@@ -163,9 +165,27 @@ def resolved_key(base_cfg, trial: Trial) -> str:
     for p in path:
       node = node[p]
     node[leaf] = v
-  if cfg.optimizer.norm_decay == 'variant':
-    cfg.optimizer.norm_decay = variants_lib.get_variant(cfg.model.variant).norm_decay
+  # The decay policy matters only through the rates of the roles the model has: in a
+  # plain Pre-Norm model (no Output-Norm scales) 'iwd' and 'all' are the same run.
+  from scalejax import optim
+  present = _roles_present(json.dumps(cfg.model.to_dict(), sort_keys=True, default=list))
+  rates = optim.role_rates(cfg.optimizer,
+                           variants_lib.get_variant(cfg.model.variant).norm_decay)
+  cfg.optimizer.norm_decay = json.dumps({r: rates[r] for r in sorted(present)})
   return json.dumps(cfg.to_dict(), sort_keys=True, default=list)
+
+
+@functools.lru_cache(maxsize=None)
+def _roles_present(model_json: str) -> frozenset:
+  import jax
+  from flax import nnx
+  from scalejax import roles
+  from scalejax.model import ModelConfig, build_model
+  fields = json.loads(model_json)
+  fields['vocab_size'] = fields['vocab_size'] or 8  # roles do not depend on the vocabulary
+  model_cfg = ModelConfig(**fields)
+  abstract = nnx.eval_shape(lambda: build_model(model_cfg, 0))
+  return frozenset(jax.tree.leaves(roles.role_tree(abstract)))
 
 
 def run_dir_name(trial: Trial) -> str:

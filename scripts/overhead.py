@@ -10,12 +10,15 @@ all of them alike. Prints the median seconds per step and its ratio to baseline.
 
 import argparse
 import importlib.util
+import os
+import sys
 import time
 
 import jax
 import numpy as np
 
-from scalejax import sharding, trainer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scalejax import sharding, trainer  # noqa: E402  (run from anywhere)
 
 
 def main():

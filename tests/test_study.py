@@ -73,6 +73,12 @@ def test_suites_and_dedup():
   # ... but not the same as another seed, optimizer or policy.
   assert len({key['baseline', 0, 'adamw'], key['baseline', 1, 'adamw'],
               key['baseline', 0, 'muon'], key['decay_all', 0, 'adamw']}) == 4
+  # In plain Pre-Norm every scale is an Input-Norm: decay 'iwd' is decay 'all'. With
+  # QK-norm (Output-Norm scales) they differ.
+  same = study.make_trials(post, ['decay_all', 'decay_iwd', 'decay_all@qk', 'decay_iwd@qk'],
+                           [0], ['adamw'], ['cosine'], [None], {})
+  k = [study.resolved_key(cfg, t) for t in same]
+  assert k[0] == k[1] and k[2] != k[3] and k[0] != k[2]
   with pytest.raises(ValueError, match=r"unknown variants \['hg@post'\]"):
     study.make_trials(post, ['hg@post'], [0], ['adamw'], ['cosine'], [None], {})
   with pytest.raises(ValueError, match='is not KEY=VALUE'):
