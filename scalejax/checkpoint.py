@@ -43,6 +43,35 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict) -> Non
                                           data=ocp.args.JsonSave(data_state)))
 
 
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """{path: shape} with tuples, namedtuples and dicts written alike, as Orbax stores them."""
+  def name(k):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        return f'[{getattr(k, attr)!r}]'
+    return str(k)
+  return {''.join(name(k) for k in path): tuple(getattr(v, 'shape', ()))
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_opt_state(mngr: ocp.CheckpointManager, step: int, abstract_opt, optimizer: str) -> None:
+  """A clear error when the saved optimizer state is not the one this config builds.
+
+  Switching optimizer (or a setting that changes its state, e.g. grad_clip on/off) on
+  resume would otherwise fail deep inside Orbax, or restore moments into the wrong slots.
+  """
+  saved = _leaf_shapes(mngr.item_metadata(step)['state']['opt_state'])
+  want = _leaf_shapes(abstract_opt)
+  if saved != want:
+    diff = sorted(set(saved.items()) ^ set(want.items()))
+    raise ValueError(
+        f'checkpoint step {step} in {mngr.directory} holds an optimizer state of a different '
+        f'structure than optimizer.name={optimizer!r} builds ({len(saved)} vs {len(want)} '
+        f'arrays; first mismatch: opt_state{diff[0][0]}): resume with the optimizer settings '
+        'it was saved with, or train in a new workdir with --config.init_from=<this workdir> '
+        'to take its params only with a fresh optimizer state')
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   """Returns (state, data_state) with `abstract_state`'s shardings (any mesh)."""
   out = mngr.restore(step, args=ocp.args.Composite(
@@ -55,7 +84,8 @@ def steps(workdir: str) -> list[int]:
   return sorted(ocp.CheckpointManager(_dir(workdir)).all_steps())
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str):
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str,
+                   optimizer: str = ''):
   """(step, state, data_state) from the newest undamaged step, or None if none exist.
 
   A step whose saved shapes differ from `abstract_state` is a config problem, not
@@ -72,6 +102,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str):
     except Exception as e:  # pylint: disable=broad-except
       problem = _describe(e)
     else:
+      check_opt_state(mngr, step, abstract_state['opt_state'], optimizer)
       check_shapes(abstract_state, saved, f'checkpoint {_dir(workdir)}/{step}')
       try:
         state, data_state = restore(mngr, step, abstract_state)

@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
       schedule='cosine',      # key of SCHEDULES
       warmup_steps=100,
       min_lr_ratio=0.1,       # final lr = lr * min_lr_ratio (cosine, linear, wsd)
-      decay_fraction=0.2,     # wsd: fraction of steps spent decaying
+      decay_fraction=0.2,     # wsd: fraction of all train steps spent decaying
       weight_decay=0.1,       # matrices (and embeddings unless embedding_decay >= 0)
       embedding_decay=-1.0,   # < 0: same as weight_decay
       norm_decay='variant',   # 'all' | 'none' | 'iwd' | 'variant' (the variant's default)
@@ -44,38 +44,47 @@ def default_config() -> ml_collections.ConfigDict:
 
 # --- schedules --------------------------------------------------------------------
 
-def _warmup_then(c, steps: int, after: Callable[[int], optax.Schedule]) -> optax.Schedule:
-  warmup = min(c.warmup_steps, max(steps - 1, 0))
-  if warmup == 0:
-    return after(steps)
-  ramp = optax.linear_schedule(0.0, c.lr, warmup)
-  return optax.join_schedules([ramp, after(max(steps - warmup, 1))], [warmup])
+# Each entry maps (config, n steps after warmup, total steps) to the post-warmup
+# schedule, which starts at c.lr; `make_schedule` puts the linear warmup 0 -> lr in front.
 
-
-def _wsd(c, steps):
-  decay = max(int(round(steps * c.decay_fraction)), 1)
-  stable = max(steps - decay, 0)
+def _wsd(c, n, total):
+  # The decay length is a fraction of the whole run (as in Hagele et al. 2024), taken
+  # out of the post-warmup steps; the stable phase holds the peak LR until then.
+  decay = min(max(int(round(total * c.decay_fraction)), 1), n)
+  stable = n - decay
   return optax.join_schedules(
       [optax.constant_schedule(c.lr),
        optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, decay)], [stable])
 
 
 SCHEDULES: dict[str, Callable] = {
-    'cosine': lambda c, n: optax.cosine_decay_schedule(c.lr, n, alpha=c.min_lr_ratio),
-    'linear': lambda c, n: optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, n),
-    'constant': lambda c, n: optax.constant_schedule(c.lr),
+    'cosine': lambda c, n, total: optax.cosine_decay_schedule(c.lr, n, alpha=c.min_lr_ratio),
+    'linear': lambda c, n, total: optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, n),
+    'constant': lambda c, n, total: optax.constant_schedule(c.lr),
     'wsd': _wsd,
-    'rsqrt': lambda c, n: (lambda s: c.lr * jax.lax.rsqrt(1.0 + s / max(c.warmup_steps, 1))),
+    # lr / sqrt(1 + s / warmup): continuous at the end of warmup, no end point needed.
+    'rsqrt': lambda c, n, total: (
+        lambda s: c.lr * jax.lax.rsqrt(1.0 + s / max(c.warmup_steps, 1))),
 }
 
 
 def make_schedule(c, total_steps: int) -> optax.Schedule:
   if c.schedule not in SCHEDULES:
     raise ValueError(f'unknown optimizer.schedule {c.schedule!r}; valid: {", ".join(SCHEDULES)}')
-  return _warmup_then(c, total_steps, lambda n: SCHEDULES[c.schedule](c, n))
+  warmup = min(c.warmup_steps, max(total_steps - 1, 0))
+  after = SCHEDULES[c.schedule](c, max(total_steps - warmup, 1), total_steps)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), after], [warmup])
 
 
 # --- optimizer directions ---------------------------------------------------------
+
+def muon_labels(roles, axes):
+  """'muon' for hidden matrices (role `matrix`, no `vocab` axis), else 'adam'."""
+  return jax.tree.map(lambda r, ax: 'muon' if r == R.MATRIX and 'vocab' not in ax else 'adam',
+                      roles, axes, is_leaf=lambda x: isinstance(x, tuple))
+
 
 def _muon(c, roles, axes):
   """Muon on hidden matrices; scales, embeddings, the LM head and biases go to Adam.
@@ -85,8 +94,7 @@ def _muon(c, roles, axes):
   batch axes for the orthogonalization. Muon's update is rescaled to Adam's RMS
   (0.2 * sqrt(max(fan_in, fan_out)), as in Liu et al. 2025) so one LR serves both.
   """
-  labels = jax.tree.map(lambda r, ax: 'muon' if r == R.MATRIX and 'vocab' not in ax else 'adam',
-                        roles, axes, is_leaf=lambda x: isinstance(x, tuple))
+  labels = muon_labels(roles, axes)
 
   def dims(updates):
     return jax.tree.map(
@@ -131,7 +139,8 @@ def build_optimizer(c, roles, axes, total_steps: int, variant_default: str = 'no
   if c.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(c.grad_clip))
   parts.append(OPTIMIZERS[c.name](c, roles, axes))
-  parts.append(role_weight_decay(rates, roles))
+  if any(rates.values()):  # an all-zero policy has nothing to chain
+    parts.append(role_weight_decay(rates, roles))
   if c.scale_lr_mult != 1.0:
     is_scale = jax.tree.map(lambda r: r in R.SCALE_ROLES, roles)
     parts.append(optax.masked(optax.scale(c.scale_lr_mult), is_scale))

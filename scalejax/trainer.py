@@ -115,6 +115,8 @@ def make_train_step(run: Run):
         state, {'params': params, 'opt_state': opt_state}, total, grads, updates, bad_limit)
     metrics = {**metrics, 'grad_norm': optax.global_norm(grads),
                'lr': run.schedule(state['step']), **fault_metrics}
+    if run.cfg.optimizer.scale_lr_mult != 1.0:  # the study knob: scale vectors' own LR
+      metrics['scale_lr'] = metrics['lr'] * run.cfg.optimizer.scale_lr_mult
     return {**kept, 'step': state['step'] + 1}, metrics
   return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
 
@@ -159,7 +161,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
 
 def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
   run, state = build_run(cfg, workdir)
-  found = ckpt.restore_latest(mngr, _abstract(state, run.state_shardings), workdir)
+  found = ckpt.restore_latest(mngr, _abstract(state, run.state_shardings), workdir,
+                             cfg.optimizer.name)
   if found is not None:
     step, state, data_state = found
     run.data.train_iter.set_state(data_state)
@@ -190,6 +193,9 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
     log.info('model %s: %s params (%s in norms)\n%s\nMFU peak: %.3g FLOP/s per device (%s)',
              run.model_cfg.variant, f'{counts["total"]:,}', f'{counts["norm"]:,}',
              decay_table(state['params'], run.roles, run.rates), peak, peak_src)
+    log.info('optimizer %s, schedule %s, lr %g, scale-vector lr multiplier %g',
+             cfg.optimizer.name, cfg.optimizer.schedule, cfg.optimizer.lr,
+             cfg.optimizer.scale_lr_mult)
 
   train_step, eval_step = make_train_step(run), make_eval_step(run)
   watch = faults.NonFiniteWatch(cfg.train)
@@ -236,6 +242,7 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
                if last['step'] != start or step == steps else float('nan'))
         last.update(time=now, step=step)
         rec = {'step': step, 'loss': float(m['loss']), 'lr': float(m['lr']),
+               **({'scale_lr': float(m['scale_lr'])} if 'scale_lr' in m else {}),
                'grad_norm': float(m['grad_norm']), 'bad_steps': int(m['bad_steps']),
                'tokens_per_sec': tps, 'mfu': tps * flops_tok / peak_total,
                **{k: float(v) for k, v in m.items() if k.startswith('moe_')}}

@@ -1,0 +1,132 @@
+"""The ablation harness: suites, dedup, aggregation math, resume/retry, table and PNGs."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from scalejax import study
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / 'configs' / 'tiny.py')
+
+
+def test_paired_difference_on_known_numbers():
+  # d = [0.1, 0.1, 0.2]: mean 0.13333, sd 0.057735, se 0.033333, t = 4.0;
+  # t_0.975 with 2 dof = 4.302653, so the CI half-width 0.143422 covers 0.
+  r = study.paired_difference([2.0, 2.1, 2.3], [1.9, 2.0, 2.1])
+  assert r['n'] == 3
+  assert r['diff'] == pytest.approx(0.133333, abs=1e-6)
+  assert r['sd'] == pytest.approx(0.057735, abs=1e-6)
+  assert r['t'] == pytest.approx(4.0, abs=1e-6)
+  assert r['ci'] == pytest.approx(0.143422, abs=1e-6)
+  assert not r['beyond_noise']
+  # d = [0.10, 0.11, 0.12]: sd 0.01, se 0.0057735, CI 0.024841, t 19.05: beyond noise.
+  r = study.paired_difference([1.10, 1.21, 1.32], [1.0, 1.1, 1.2])
+  assert r['ci'] == pytest.approx(0.024841, abs=1e-6)
+  assert r['t'] == pytest.approx(19.0526, abs=1e-3)
+  assert r['beyond_noise']
+  # Negative differences are marked too; one seed gives no interval and no mark.
+  assert study.paired_difference([0.9, 0.99, 1.08], [1.0, 1.1, 1.2])['beyond_noise']
+  one = study.paired_difference([2.0], [1.0])
+  assert one['diff'] == 1.0 and math.isnan(one['ci']) and not one['beyond_noise']
+
+
+def test_aggregate_on_known_numbers():
+  r = lambda loss, tps: {'final_eval_loss': loss, 'tokens_per_sec': tps}
+  summary = study.aggregate({'adamw-cosine': {
+      'baseline': {0: r(1.9, 100.0), 1: r(2.0, 100.0), 2: r(2.1, 100.0)},
+      'no_scale': {0: r(2.0, 50.0), 1: r(2.2, 50.0)},       # seed 2 missing: 2 pairs
+      'baseline@post': {0: r(3.0, 80.0), 1: r(3.2, 80.0)},
+      'no_scale@post': {0: r(3.1, 80.0), 1: r(3.3, 80.0)},
+  }})['adamw-cosine']
+  b = summary['baseline']
+  assert b['n'] == 3 and b['mean'] == pytest.approx(2.0) and b['std'] == pytest.approx(0.1)
+  assert 'vs' not in b
+  ns = summary['no_scale']
+  assert ns['vs'] == 'baseline' and ns['n'] == 2
+  assert ns['mean'] == pytest.approx(2.1) and ns['std'] == pytest.approx(0.141421, abs=1e-6)
+  assert ns['diff'] == pytest.approx(0.15)  # (0.1 + 0.2) / 2 over the paired seeds 0, 1
+  assert ns['slowdown'] == pytest.approx(2.0)
+  post = summary['no_scale@post']
+  assert post['vs'] == 'baseline@post'  # Post-Norm variants compare with Post-Norm
+  assert post['diff'] == pytest.approx(0.1) and post['sd'] == pytest.approx(0.0, abs=1e-12)
+  table = study.markdown_table({'adamw-cosine': summary})
+  assert '| no_scale | 2 | 2.1000 ± 0.1414 | +0.1500 |' in table
+
+
+def test_suites_and_dedup():
+  assert set(study.PAPER) == {'baseline', 'no_scale', 'decay_all', 'decay_none', 'decay_iwd',
+                              'hg', 'dp', 'dnp', 'magdir', 'magdir_unit', 'unified'}
+  post = study.SUITES['paper_post']
+  assert {'dp@post', 'no_scale@post', 'baseline@post'} <= set(post)
+  assert 'hg@post' not in post and 'unified@post' not in post  # HG needs a norm per branch
+  trials = study.make_trials(study.PAPER, ['baseline', 'decay_none', 'decay_all'], [0, 1],
+                             ['adamw', 'muon'], ['cosine'], [None], {'train.steps': 5})
+  assert len(trials) == 12
+  cfg = study.load_config(TINY)
+  key = {(t.variant, t.seed, t.optimizer): study.resolved_key(cfg, t) for t in trials}
+  # baseline's default scale decay is 'none', so decay_none is the same run ...
+  assert key['baseline', 0, 'adamw'] == key['decay_none', 0, 'adamw']
+  # ... but not the same as another seed, optimizer or policy.
+  assert len({key['baseline', 0, 'adamw'], key['baseline', 1, 'adamw'],
+              key['baseline', 0, 'muon'], key['decay_all', 0, 'adamw']}) == 4
+  # In plain Pre-Norm every scale is an Input-Norm: decay 'iwd' is decay 'all'. With
+  # QK-norm (Output-Norm scales) they differ.
+  same = study.make_trials(post, ['decay_all', 'decay_iwd', 'decay_all@qk', 'decay_iwd@qk'],
+                           [0], ['adamw'], ['cosine'], [None], {})
+  k = [study.resolved_key(cfg, t) for t in same]
+  assert k[0] == k[1] and k[2] != k[3] and k[0] != k[2]
+  with pytest.raises(ValueError, match=r"unknown variants \['hg@post'\]"):
+    study.make_trials(post, ['hg@post'], [0], ['adamw'], ['cosine'], [None], {})
+  with pytest.raises(ValueError, match='is not KEY=VALUE'):
+    study.parse_sets(['train.steps'])
+  assert study.parse_sets(['train.steps=5', 'config.model.placement=post']) == {
+      'train.steps': 5, 'model.placement': 'post'}
+
+
+def test_crashed_trial_is_retried_once(tmp_path):
+  bad = study.Trial('baseline', 0, 'adamw', 'cosine', None,
+                    (('model.placement', 'bogus'), ('seed', 0)))
+  r = study.run_trial(TINY, str(tmp_path), bad)
+  assert r['failed'] and r['attempts'] == 2
+  assert sorted(p.name for p in tmp_path.glob('log*.txt')) == ['log1.txt', 'log2.txt']
+  assert 'model.placement must be one of' in (tmp_path / 'log2.txt').read_text()
+  assert study.run_trial(TINY, str(tmp_path), bad)['failed']  # not run a third time
+  assert not (tmp_path / 'log3.txt').exists()
+
+
+def test_tiny_suite_writes_table_and_plots_and_resumes(tmp_path, capsys):
+  out = tmp_path / 'study'
+  argv = ['--config', TINY, '--out', str(out), '--suite', 'tiny', '--seeds', '0,1',
+          '--parallel', '2', '--set', 'train.steps=4', '--set', 'train.eval_every=2',
+          '--set', 'checkpoint.every=100']
+  rep = study.main(argv)
+  assert rep['failed'] == []
+  rows = rep['summary']['adamw-cosine']
+  assert set(rows) == {'baseline', 'no_scale'}
+  assert rows['baseline']['n'] == rows['no_scale']['n'] == 2
+  for v in rows:  # the table's numbers are the trials' last eval
+    for seed, loss in rows[v]['losses'].items():
+      evals = [json.loads(l) for l in
+               (out / 'trials' / f'{v}-adamw-cosine-s{seed}' / 'metrics.jsonl')
+               .read_text().splitlines() if 'eval_loss' in l]
+      assert [e['step'] for e in evals] == [2, 4]
+      assert loss == evals[-1]['eval_loss']
+  table = (out / 'results.md').read_text()
+  assert '| baseline | 2 |' in table and '| no_scale | 2 |' in table
+  for name in ('curves_adamw-cosine.png', 'diffs_adamw-cosine.png'):
+    png = (out / name).read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['summary']['adamw-cosine']['no_scale']['vs'] == 'baseline'
+
+  # Rerunning resumes: nothing is trained again, the report is the same.
+  stamp = os.path.getmtime(out / 'trials' / 'baseline-adamw-cosine-s0' / 'result.json')
+  capsys.readouterr()
+  again = study.main(argv)
+  assert '4 trials, 4 distinct runs, 0 to run' in capsys.readouterr().out
+  assert os.path.getmtime(out / 'trials' / 'baseline-adamw-cosine-s0' / 'result.json') == stamp
+  assert again['table'] == rep['table']
