@@ -52,7 +52,7 @@ def role_weight_decay(rates: Mapping[str, float], roles) -> optax.GradientTransf
   parts = [optax.masked(optax.add_decayed_weights(rate),
                         jax.tree.map(lambda r, role=role: r == role, roles))
            for role, rate in rates.items() if rate]
-  return optax.chain(*parts)
+  return optax.chain(*parts) if parts else optax.identity()
 
 
 def decay_table(params, roles, rates: Mapping[str, float]) -> str:
