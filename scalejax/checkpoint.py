@@ -102,8 +102,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str,
     except Exception as e:  # pylint: disable=broad-except
       problem = _describe(e)
     else:
+      where = f'checkpoint {_dir(workdir)}/{step}'
+      # Params first (a model change names its param), then the optimizer's structure
+      # (a switched optimizer gets its own advice), then every leaf.
+      check_shapes({'params': abstract_state['params']}, saved, where, params_only=True)
       check_opt_state(mngr, step, abstract_state['opt_state'], optimizer)
-      check_shapes(abstract_state, saved, f'checkpoint {_dir(workdir)}/{step}')
+      check_shapes(abstract_state, saved, where)
       try:
         state, data_state = restore(mngr, step, abstract_state)
         problem = None
