@@ -118,5 +118,27 @@ def test_restarted_two_process_run_matches_one_process(runs):
   assert (multi / f'info_0_{CUT}.json').exists() and (multi / f'info_1_{CUT}.json').exists()
 
 
+def test_distributed_start_is_decided_by_the_environment(monkeypatch):
+  from scalejax import distributed
+  for var in ('SCALEJAX_DISTRIBUTED', 'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setattr(distributed, '_on_cloud_tpu_vm', lambda: False)
+  assert distributed.wanted() is None
+  monkeypatch.setattr(distributed, '_on_cloud_tpu_vm', lambda: True)
+  assert distributed.wanted() == 'running on a Cloud TPU VM'
+  monkeypatch.setenv('SCALEJAX_DISTRIBUTED', '0')
+  assert distributed.wanted() is None
+  monkeypatch.setattr(distributed, '_on_cloud_tpu_vm', lambda: False)
+  monkeypatch.setenv('SCALEJAX_DISTRIBUTED', '')
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '127.0.0.1:1234')
+  assert distributed.wanted() == 'JAX_COORDINATOR_ADDRESS is set'
+  monkeypatch.setenv('SCALEJAX_DISTRIBUTED', 'yes')
+  with pytest.raises(ValueError, match="SCALEJAX_DISTRIBUTED='yes'; set it to 1"):
+    distributed.wanted()
+  monkeypatch.setenv('JAX_NUM_PROCESSES', 'two')
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
+    distributed._env_int('JAX_NUM_PROCESSES')
+
+
 if __name__ == '__main__':
   _worker(sys.argv[1], int(sys.argv[2]))
