@@ -1,4 +1,8 @@
-"""The paper's dense 1b size (see configs/paper_common.py)."""
+"""The paper's dense ~1B, the Llama-1B of the paper: d_model 1792, 22 layers, 14 heads,
+SwiGLU 4778, untied (1,028,065,024 params, 80,640 in scale vectors).
+
+Shape and settings: configs/paper_common.py.
+"""
 
 from configs.paper_common import paper_config
 

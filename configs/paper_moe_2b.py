@@ -1,4 +1,8 @@
-"""The paper's moe 2b size (see configs/paper_common.py)."""
+"""The paper's MoE ~2B total: d_model 1536, 18 layers, 16 experts of width 1280, top-2
+(2.024B params, 537.2M active per token).
+
+Shape and settings: configs/paper_common.py.
+"""
 
 from configs.paper_common import paper_config
 

@@ -1,4 +1,8 @@
-"""The paper's moe 500m size (see configs/paper_common.py)."""
+"""The paper's MoE ~0.5B total: d_model 640, 12 layers, 16 experts of width 1024, top-2
+(461.7M params, 131.4M active per token).
+
+Shape and settings: configs/paper_common.py.
+"""
 
 from configs.paper_common import paper_config
 

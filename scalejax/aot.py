@@ -11,20 +11,30 @@ optimizer as a real run. Printed per device: memory from `compiled.memory_analys
 (arguments, outputs, donated aliases, temporaries) against the chip's HBM, and the
 compiler's FLOP and byte estimates. `--topology cpu` compiles for this machine's
 devices instead (e.g. 8 emulated with XLA_FLAGS=--xla_force_host_platform_device_count=8).
+
+    python -m scalejax.aot --fusion --topology v5p-8
+
+prints instead how much memory traffic each variant's normalization adds (see
+`norm_traffic`): the check that scale vectors and HG branches fuse.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from scalejax import sharding, trainer
+from scalejax import roles, sharding, trainer
 from scalejax.counting import flops_per_token, param_counts
+from scalejax.layers import Linear
+from scalejax.norms import Norm, NormSpec
+from scalejax.variants import get_variant
 
 # accelerator type -> topology name (chips); v4 and v5p types count TensorCores, two per
 # chip, and run one device per chip ("megacore").
@@ -57,6 +67,9 @@ def topology_devices(topology: str):
     raise RuntimeError('compiling for a TPU topology needs libtpu: '
                        'pip install "jax[tpu]==0.10.2" (no TPU needed)') from None
   from jax.experimental import topologies
+  # Compiling touches no chip, so several processes may load libtpu at once (without
+  # this, a second one fails on libtpu's lockfile).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   kw = {'chip_config_name': 'megacore'} if match.group(1) == 'v4' else {}
   devices = topologies.get_topology_desc(platform='tpu', topology_name=name, **kw).devices
   return devices, HBM_GIB[match.group(1)] * GIB, name
@@ -174,6 +187,69 @@ def format_report(r: Report) -> str:
   ])
 
 
+# --- fused normalization -----------------------------------------------------------
+
+class NormUnit(nnx.Module):
+  """A pre-norm (with HG branches or not) feeding three linear maps, with DP/DNP options.
+
+  `dual_scale` sets the scale form inside DP/DNP alone (default: the norm's).
+  """
+
+  def __init__(self, dim: int, scale='vector', hg=False, dual='none', dual_scale=None):
+    rngs = nnx.Rngs(0)
+    self.norm = Norm(NormSpec(scale=scale), dim, roles.INPUT_SCALE,
+                     branches=('q', 'k', 'v') if hg else ('scale',))
+    inner = NormSpec(scale=dual_scale or scale)
+    self.lins = nnx.List([Linear(dim, dim, ('embed', 'mlp'), rngs=rngs, dual=dual, norm=inner)
+                          for _ in range(3)])
+
+  @classmethod
+  def of_variant(cls, dim: int, name: str, **kw):
+    v = get_variant(name)
+    return cls(dim, scale=v.scale, hg=v.hg, dual=kw.pop('dual', v.dual), **kw)
+
+  def __call__(self, x):
+    h = self.norm(x)
+    h = h if isinstance(h, tuple) else (h,) * 3
+    return sum(lin(hi) for lin, hi in zip(self.lins, h))
+
+
+def norm_traffic(unit: NormUnit, device, dtype, grad: bool = False,
+                 shape=(8, 128, 256)) -> float:
+  """The compiler's bytes accessed for unit(x) (grad: its forward + backward), counted
+  in activations (bytes of one x). Compiled for one `device`, which may be a
+  compile-only TPU device, so nothing runs."""
+  graphdef, state = nnx.split(unit)
+  params = nnx.to_pure_dict(state)
+  loss = lambda p, x: jnp.sum(jnp.square(nnx.merge(graphdef, p)(x).astype(jnp.float32)))
+  fn = jax.grad(loss, argnums=(0, 1)) if grad else loss
+  sh = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+  x = jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  cost = jax.jit(fn).lower(jax.tree.map(spec, params), x).compile().cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0]
+  return cost['bytes accessed'] / (x.size * jnp.dtype(dtype).itemsize)
+
+
+FUSION_ROWS = ('no_scale', 'baseline', 'magdir', 'magdir_unit', 'hg', 'dp', 'dnp', 'unified')
+
+
+def fusion_table(topology: str, dim: int = 256) -> str:
+  """Traffic of every variant's norm + 3 linear maps, minus that of the no-scale norm."""
+  device = topology_devices(topology)[0][0]
+  lines = [f'{device.device_kind}: bytes accessed over the no_scale unit, in activations '
+           f'of [8, 128, {dim}] (a pre-norm feeding 3 linear maps)',
+           f'{"variant":<12}{"fwd f32":>9}{"fwd bf16":>10}{"f+b f32":>9}{"f+b bf16":>10}']
+  base = {(dt, g): norm_traffic(NormUnit.of_variant(dim, 'no_scale'), device, dt, g)
+          for dt in (jnp.float32, jnp.bfloat16) for g in (False, True)}
+  for name in FUSION_ROWS[1:]:
+    cells = [norm_traffic(NormUnit.of_variant(dim, name), device, dt, g) - base[dt, g]
+             for g in (False, True) for dt in (jnp.float32, jnp.bfloat16)]
+    lines.append(f'{name:<12}' + ''.join(f'{c:>+9.2f} ' for c in cells))
+  return '\n'.join(lines)
+
+
 def _cli():
   from absl import app, flags
   from ml_collections import config_flags
@@ -183,11 +259,16 @@ def _cli():
   flags.DEFINE_string('topology', 'v5p-8', 'accelerator type (v5p-8, v4-32, v5e-16, ...), '
                       'topology (v5p:2x2x2) or cpu')
   flags.DEFINE_string('json', '', 'also write the report to this JSON file')
-  flags.mark_flag_as_required('config')
+  flags.DEFINE_bool('fusion', False, 'print the normalization traffic table instead')
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if FLAGS.fusion:
+      print(fusion_table(FLAGS.topology))
+      return
+    if FLAGS.config is None:
+      raise app.UsageError('--config is required (or --fusion)')
     report, _ = compile_train_step(FLAGS.config, FLAGS.topology)
     print(f'config        {config_flags.get_config_filename(FLAGS["config"])}')
     print(format_report(report))

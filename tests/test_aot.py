@@ -14,12 +14,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
-from scalejax import aot, param_report, roles
-from scalejax.layers import Linear
-from scalejax.norms import Norm, NormSpec
-from scalejax.variants import get_variant
+from scalejax import aot, param_report
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
@@ -114,38 +110,8 @@ def test_unknown_topology_is_a_clear_error():
 # scale params. One activation written and read back again would add 2 activations
 # of traffic, so a margin of 0.5 activation separates the two cleanly.
 
-B, L, D = 8, 128, 256
 ROUND_TRIP_MARGIN = 0.5
-
-
-class _Unit(nnx.Module):
-  """A pre-norm (HG branches or not) feeding three linear maps, with DP/DNP options."""
-
-  def __init__(self, scale='vector', hg=False, dual='none', dual_scale=None):
-    rngs = nnx.Rngs(0)
-    self.norm = Norm(NormSpec(scale=scale), D, roles.INPUT_SCALE,
-                     branches=('q', 'k', 'v') if hg else ('scale',))
-    inner = NormSpec(scale=dual_scale or scale)
-    self.lins = nnx.List([Linear(D, D, ('embed', 'mlp'), rngs=rngs, dual=dual, norm=inner)
-                          for _ in range(3)])
-
-  def __call__(self, x):
-    h = self.norm(x)
-    h = h if isinstance(h, tuple) else (h,) * 3
-    return sum(lin(hi) for lin, hi in zip(self.lins, h))
-
-
-def _traffic(unit, device, dtype, grad=False) -> float:
-  """Compiler's bytes accessed for forward (or forward + backward), in activations."""
-  graphdef, state = nnx.split(unit)
-  params = nnx.to_pure_dict(state)
-  loss = lambda p, x: jnp.sum(jnp.square(nnx.merge(graphdef, p)(x).astype(jnp.float32)))
-  fn = jax.grad(loss, argnums=(0, 1)) if grad else loss
-  sh = jax.sharding.SingleDeviceSharding(device)
-  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
-  x = jax.ShapeDtypeStruct((B, L, D), dtype, sharding=sh)
-  cost = jax.jit(fn).lower(jax.tree.map(spec, params), x).compile().cost_analysis()
-  return cost['bytes accessed'] / (B * L * D * jnp.dtype(dtype).itemsize)
+DIM = 256
 
 
 def _device(platform):
@@ -154,23 +120,23 @@ def _device(platform):
   return aot.topology_devices('v5p-8')[0][0]
 
 
-def _variant_unit(name, **kw):
-  v = get_variant(name)
-  return _Unit(scale=v.scale, hg=v.hg, **kw)
+def _traffic(device, dtype, grad=False, variant=None, **kw):
+  unit = (aot.NormUnit.of_variant(DIM, variant, **kw) if variant else aot.NormUnit(DIM, **kw))
+  return aot.norm_traffic(unit, device, dtype, grad)
 
 
 @pytest.mark.parametrize('platform', ['cpu', pytest.param('tpu', marks=needs_libtpu)])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_scale_vectors_and_hg_branches_fuse_into_the_normalization(platform, dtype):
   device = _device(platform)
-  plain = _traffic(_variant_unit('no_scale'), device, dtype)
+  plain = _traffic(device, dtype, variant='no_scale')
   for name in ('baseline', 'magdir', 'magdir_unit', 'hg'):
-    extra = _traffic(_variant_unit(name), device, dtype) - plain
+    extra = _traffic(device, dtype, variant=name) - plain
     assert extra < ROUND_TRIP_MARGIN, (name, extra)
   # DNP's intermediate normalization: its output-role scale u fuses into it as well.
-  no_u = _traffic(_Unit(dual='dnp', dual_scale='none'), device, dtype)
+  no_u = _traffic(device, dtype, dual='dnp', dual_scale='none')
   for form in ('vector', 'magdir'):
-    extra = _traffic(_Unit(dual='dnp', dual_scale=form), device, dtype) - no_u
+    extra = _traffic(device, dtype, dual='dnp', dual_scale=form) - no_u
     assert extra < ROUND_TRIP_MARGIN, (form, extra)
 
 
@@ -179,7 +145,7 @@ def test_scale_vectors_and_hg_branches_fuse_into_the_normalization(platform, dty
 def test_on_tpu_the_scale_gradient_fuses_into_the_norm_backward(dtype):
   # (XLA:CPU does not fuse the token reduction of d(gamma) with d(x): see docs/TPU.md.)
   device = _device('tpu')
-  plain = _traffic(_variant_unit('no_scale'), device, dtype, grad=True)
+  plain = _traffic(device, dtype, grad=True, variant='no_scale')
   for name in ('baseline', 'magdir'):
-    extra = _traffic(_variant_unit(name), device, dtype, grad=True) - plain
+    extra = _traffic(device, dtype, grad=True, variant=name) - plain
     assert extra < ROUND_TRIP_MARGIN, (name, extra)

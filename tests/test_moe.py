@@ -1,6 +1,7 @@
 """MoE MLP: routing against a per-token reference, capacity dropping, aux losses, roles."""
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -24,19 +25,45 @@ sys.path.insert(0, str(ROOT))
 from configs import tiny  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, mlp='moe',
-                  moe_experts=4, moe_top_k=2, moe_expert_ff=24)
+                  moe_experts=4, moe_top_k=2, moe_expert_ff=24, moe_shared_ff=16)
+UNIFIED = dataclasses.replace(CFG, variant='unified')
+
+# Modules are built once per config and run under jit: NNX code run op by op is slow
+# on CPU, and building an MoE model compiles its init.
 
 
-def _layer(cfg, seed=0):
-  layer = moe.MoE(cfg, rngs=nnx.Rngs(params=seed))
-  # A larger router init spreads the probabilities, so top-k has no near-ties.
-  layer.router.kernel[...] = jax.random.normal(jax.random.key(seed + 7), layer.router.kernel.shape)
+@functools.cache
+def _layer():
+  @nnx.jit
+  def make():
+    layer = moe.MoE(CFG, rngs=nnx.Rngs(params=0))
+    # A larger router init spreads the probabilities, so top-k has no near-ties.
+    layer.router.kernel[...] = jax.random.normal(jax.random.key(7), layer.router.kernel.shape)
+    return layer
+  return make()
+
+
+def _with_capacity(factor):
+  layer = nnx.clone(_layer())
+  layer.capacity_factor = factor
   return layer
 
 
-def _expert(layer, e):
+@functools.cache
+def _model(cfg):
+  return nnx.jit(build_model, static_argnums=0)(cfg)
+
+
+_call = nnx.jit(lambda layer, x: layer(x, x, x))
+_route = nnx.jit(lambda layer, x: layer.route(x))
+_shared = nnx.jit(lambda layer, x: layer.shared(x, x))
+
+
+@nnx.jit
+def _expert_outputs(layer, x_TxD):
   graphdef, state = nnx.split(layer.experts)
-  return nnx.merge(graphdef, jax.tree.map(lambda a: a[e], state))
+  return jnp.stack([nnx.merge(graphdef, jax.tree.map(lambda a: a[e], state))(x_TxD, x_TxD)
+                    for e in range(layer.n_experts)])
 
 
 def _routing(layer, x_TxD, k):
@@ -45,30 +72,31 @@ def _routing(layer, x_TxD, k):
   return np.asarray(probs), np.asarray(w / w.sum(-1, keepdims=True)), np.asarray(idx)
 
 
-def test_without_drops_output_is_the_weighted_sum_of_chosen_experts():
-  cfg = dataclasses.replace(CFG, moe_capacity_factor=CFG.moe_experts / CFG.moe_top_k,
-                            moe_shared_ff=16)
-  layer = _layer(cfg)
-  x = jax.random.normal(jax.random.key(1), (2, 8, cfg.d_model))
-  y, aux = layer(x, x, x)
+def _normal(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
-  x_TxD = x.reshape(-1, cfg.d_model)
-  _, w, idx = _routing(layer, x_TxD, cfg.moe_top_k)
-  outs = [_expert(layer, e)(x_TxD, x_TxD) for e in range(cfg.moe_experts)]
-  want = np.stack([sum(w[t, j] * outs[idx[t, j]][t] for j in range(cfg.moe_top_k))
+
+def test_without_drops_output_is_the_weighted_sum_of_chosen_experts():
+  layer = _with_capacity(CFG.moe_experts / CFG.moe_top_k)   # capacity = group size
+  x = _normal(1, (2, 8, CFG.d_model))
+  y, aux = _call(layer, x)
+
+  x_TxD = x.reshape(-1, CFG.d_model)
+  _, w, idx = _routing(layer, x_TxD, CFG.moe_top_k)
+  outs = np.asarray(_expert_outputs(layer, x_TxD))
+  want = np.stack([sum(w[t, j] * outs[idx[t, j]][t] for j in range(CFG.moe_top_k))
                    for t in range(x_TxD.shape[0])])
-  want = want + layer.shared(x_TxD, x_TxD)
-  chex.assert_trees_all_close(y.reshape(-1, cfg.d_model), want, rtol=1e-5, atol=1e-6)
+  want = want + _shared(layer, x_TxD)
+  chex.assert_trees_all_close(y.reshape(-1, CFG.d_model), want, rtol=1e-5, atol=1e-6)
   assert float(aux['moe_drop_frac']) == 0.0
 
 
 def test_capacity_keeps_first_choices_before_second_choices_in_token_order():
-  cfg = dataclasses.replace(CFG, moe_capacity_factor=0.5)   # capacity ceil(0.5*8*2/4) = 2
-  layer = _layer(cfg, seed=3)
-  s, n, k = 8, cfg.moe_experts, cfg.moe_top_k
+  layer = _with_capacity(0.5)   # capacity ceil(0.5 * 8 * 2 / 4) = 2 slots per expert
+  s, n, k = 8, CFG.moe_experts, CFG.moe_top_k
   assert layer.capacity(s) == 2
-  x = jax.random.normal(jax.random.key(2), (1, s, cfg.d_model))
-  _, combine, aux = layer.route(x)
+  x = _normal(2, (1, s, CFG.d_model))
+  _, combine, aux = _route(layer, x)
   _, w, idx = _routing(layer, x[0], k)
 
   want = np.zeros((s, n, layer.capacity(s)))
@@ -84,19 +112,21 @@ def test_capacity_keeps_first_choices_before_second_choices_in_token_order():
   assert kept < s * k  # this routing does drop something
   chex.assert_trees_all_close(aux['moe_drop_frac'], 1 - kept / (s * k), rtol=1e-6)
 
-  # A token whose every choice was dropped gets no routed output (no shared expert here).
-  y, _ = layer(x, x, x)
+  # A token whose every choice was dropped gets only the shared expert's output.
+  y, _ = _call(layer, x)
+  routed = y[0] - _shared(layer, x[0])
   dropped = [t for t in range(s) if not want[t].any()]
+  assert dropped
   for t in dropped:
-    chex.assert_trees_all_close(y[0, t], np.zeros(cfg.d_model))
+    chex.assert_trees_all_close(routed[t], np.zeros(CFG.d_model), atol=1e-7)
 
 
 def test_aux_losses_follow_their_formulas():
-  layer = _layer(CFG, seed=5)
-  x = jax.random.normal(jax.random.key(4), (3, 8, CFG.d_model))
-  _, _, aux = layer.route(x)
+  layer = _with_capacity(CFG.moe_capacity_factor)
+  x = _normal(4, (3, 8, CFG.d_model))
+  _, _, aux = _route(layer, x)
   probs, _, idx = _routing(layer, x.reshape(-1, CFG.d_model), CFG.moe_top_k)
-  n, k = CFG.moe_experts, CFG.moe_top_k
+  n = CFG.moe_experts
   share = np.bincount(idx.ravel(), minlength=n) / idx.size
   chex.assert_trees_all_close(aux['moe_lb_loss'], n * np.sum(share * probs.mean(0)), rtol=1e-5)
   logits = x.reshape(-1, CFG.d_model) @ layer.router.kernel[...]
@@ -104,18 +134,18 @@ def test_aux_losses_follow_their_formulas():
   chex.assert_trees_all_close(aux['moe_z_loss'], jnp.mean(lse**2), rtol=1e-5)
 
   layer.router.kernel[...] = jnp.zeros_like(layer.router.kernel[...])  # uniform router
-  _, _, aux = layer.route(x)
+  _, _, aux = _route(layer, x)
   chex.assert_trees_all_close(aux['moe_lb_loss'], 1.0, rtol=1e-6)
   chex.assert_trees_all_close(aux['moe_z_loss'], math.log(n) ** 2, rtol=1e-6)
 
 
 def test_weighted_aux_losses_are_added_to_the_training_loss():
-  cfg = dataclasses.replace(CFG, moe_lb_weight=0.3, moe_z_weight=0.02)
-  model = build_model(cfg)
-  graphdef, state = nnx.split(model)
-  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.vocab_size)
-  total, metrics = trainer.loss_fn(graphdef, nnx.to_pure_dict(state),
-                                   {'inputs': tokens, 'targets': tokens})
+  cfg = dataclasses.replace(UNIFIED, moe_lb_weight=0.3, moe_z_weight=0.02)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg)))  # weights live in cfg
+  params = roles.params_of(_model(UNIFIED))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)))
+  total, metrics = jax.jit(trainer.loss_fn, static_argnums=0)(
+      graphdef, params, {'inputs': tokens, 'targets': tokens})
   want = metrics['loss'] + 0.3 * metrics['moe_lb_loss'] + 0.02 * metrics['moe_z_loss']
   chex.assert_trees_all_close(total, want, rtol=1e-6)
   assert float(metrics['moe_lb_loss']) > 0.5 and float(metrics['moe_z_loss']) > 0.0
@@ -129,8 +159,8 @@ def _leaves(model):
 
 
 def test_unified_moe_roles_axes_and_weight_decay():
-  cfg = dataclasses.replace(CFG, variant='unified', moe_shared_ff=16)
-  model = build_model(cfg)
+  cfg = UNIFIED
+  model = _model(cfg)
   got = _leaves(model)
   assert got['blocks/mlp/experts/gate/kernel'] == ('matrix', ('layers', 'expert', 'embed', 'mlp'))
   assert got['blocks/mlp/experts/down/kernel'] == ('matrix', ('layers', 'expert', 'mlp', 'embed'))
@@ -150,7 +180,7 @@ def test_unified_moe_roles_axes_and_weight_decay():
   tx, _, rates = build_optimizer(opt, roles.role_tree(model), roles.axes_tree(model), 10,
                                  cfg.variant_.norm_decay)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zeros, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
   decayed = {name: bool(jnp.any(u != 0)) for name, u in zip(
       got, jax.tree.leaves(updates))}
   for name, (role, _) in got.items():
@@ -160,19 +190,19 @@ def test_unified_moe_roles_axes_and_weight_decay():
 
 
 def test_muon_orthogonalizes_each_expert_kernel_on_its_own():
-  model = build_model(CFG)
+  model = _model(UNIFIED)
   params = roles.params_of(model)
   opt = default_config()
   opt.update(name='muon', weight_decay=0.1, grad_clip=0.0, lr=1.0, warmup_steps=0,
              schedule='constant')
   tx, _, _ = build_optimizer(opt, roles.role_tree(model), roles.axes_tree(model), 10)
-  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  grads = jax.tree.map(lambda p: _normal(p.size, p.shape), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
 
   g = grads['blocks']['mlp']['experts']['gate']['kernel']          # [L, E, D, F]
   u = updates['blocks']['mlp']['experts']['gate']['kernel']
   single = optax.contrib.scale_by_muon(beta=opt.muon_beta)
-  one, _ = single.update(g[1, 2], single.init(g[1, 2]))
+  one, _ = jax.jit(single.update)(g[1, 2], single.init(g[1, 2]))
   p = params['blocks']['mlp']['experts']['gate']['kernel'][1, 2]
   want = -(0.2 * max(g.shape[-2:]) ** 0.5 * one + 0.1 * p)  # Adam-RMS match, decay, lr 1
   chex.assert_trees_all_close(u[1, 2], want, rtol=1e-4, atol=1e-6)
@@ -196,21 +226,21 @@ def test_param_counts_and_active_params_match_the_built_model(variant, shared):
 def test_moe_config_errors_name_the_key():
   with pytest.raises(ValueError, match='model.moe_top_k=5 must be between 1 and model.moe_experts=4'):
     dataclasses.replace(CFG, moe_top_k=5)
-  layer = _layer(dataclasses.replace(CFG, moe_group_size=5))
+  layer = nnx.clone(_layer())
+  layer.group_size = 5
   with pytest.raises(ValueError, match='model.moe_group_size=5 must divide the 16 tokens'):
-    x = jnp.zeros((2, 8, CFG.d_model))
-    layer(x, x, x)
+    _call(layer, jnp.zeros((2, 8, CFG.d_model)))
 
 
 def test_moe_model_trains_and_logs_router_statistics(tmp_path):
   cfg = tiny.get_config()
-  cfg.model.update(mlp='moe', moe_experts=4, moe_top_k=2, moe_expert_ff=32, variant='unified')
+  cfg.model.update(mlp='moe', moe_experts=4, moe_top_k=2, moe_expert_ff=32, variant='hg')
   cfg.train.update(steps=6, eval_every=0, log_every=3)
-  final = trainer.train(cfg, str(tmp_path))
+  cfg.data.eval_batches = 0  # saves a compile; the eval step only reads loss_fn's 'loss'
+  trainer.train(cfg, str(tmp_path))
   records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   train = [r for r in records if 'moe_lb_loss' in r]
   assert [r['step'] for r in train] == [3, 6]
   for r in train:
     assert np.isfinite(r['loss']) and r['moe_lb_loss'] > 0
     assert r['moe_z_loss'] > 0 and 0.0 <= r['moe_drop_frac'] < 1.0
-  assert np.isfinite(final['eval_loss'])
