@@ -60,14 +60,17 @@ def _launch_pair(workdir, stop_at):
     procs.append(subprocess.Popen([sys.executable, __file__, str(workdir), str(stop_at)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True))
+  outs = []
   try:
-    outs = [p.communicate(timeout=240) for p in procs]
+    for p in procs:
+      outs.append(p.communicate(timeout=400))
   finally:
     for p in procs:  # a process whose partner died would wait for it: end it
       if p.poll() is None:
         p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+    outs += [p.communicate() for p in procs[len(outs):]]
+  for pid, (p, (_, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f'process {pid} (port {port}) failed:\n{err[-3000:]}'
 
 
 def _params(workdir, process, step):
@@ -88,7 +91,7 @@ def runs(tmp_path_factory):
   single = tmp_path_factory.mktemp('one_process')
   env = _env(XLA_FLAGS=f'--xla_force_host_platform_device_count=2 {FAST_COMPILE}')
   out = subprocess.run([sys.executable, __file__, str(single), '0'], env=env,
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
   return multi, single
 
