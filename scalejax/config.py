@@ -142,25 +142,19 @@ def validate(cfg, n_devices: int | None = None) -> None:
                      f'*{sizes["expert"]}); use a multiple of {shards}')
 
 
-# The MoE keys come from the MoE work (model.moe_*); checked here when present.
-_MOE_EXPERTS = ('moe_experts', 'moe_num_experts', 'moe_n_experts')
-_MOE_TOP_K = ('moe_top_k', 'moe_topk', 'moe_k')
-
-
 def _validate_moe(cfg) -> None:
   m = cfg.model
-  experts = next((k for k in _MOE_EXPERTS if k in m), None)
-  top_k = next((k for k in _MOE_TOP_K if k in m), None)
-  if experts is None or not m[experts] or m.get('mlp', 'moe') != 'moe':
-    return  # no MoE in this build, or a dense MLP
-  if m[experts] < 0:
-    raise ValueError(f'model.{experts}={m[experts]} must be >= 0 (0: dense MLP)')
-  if top_k is not None and not 1 <= m[top_k] <= m[experts]:
-    raise ValueError(f'model.{top_k}={m[top_k]} must lie in [1, model.{experts}='
-                     f'{m[experts]}]: each token is routed to top_k of the experts')
+  if m.mlp != 'moe':
+    return
+  if m.moe_experts < 1:
+    raise ValueError(f'model.moe_experts={m.moe_experts} must be >= 1 with model.mlp=moe '
+                     '(use model.mlp=dense for no experts)')
+  if not 1 <= m.moe_top_k <= m.moe_experts:
+    raise ValueError(f'model.moe_top_k={m.moe_top_k} must lie in [1, model.moe_experts='
+                     f'{m.moe_experts}]: each token is routed to top_k of the experts')
   e = cfg.mesh.expert
-  if e > 1 and m[experts] % e:
-    raise ValueError(f'mesh.expert={e} must divide model.{experts}={m[experts]}')
+  if e > 1 and m.moe_experts % e:
+    raise ValueError(f'mesh.expert={e} must divide model.moe_experts={m.moe_experts}')
 
 
 def resume_changes(saved: dict, cfg) -> tuple[list[str], list[str]]:

@@ -57,17 +57,18 @@ def test_each_bad_config_value_is_one_line(change, message):
   assert message in str(err.value) and '\n' not in str(err.value)
 
 
-@pytest.mark.parametrize('experts,top_k,expert_axis,message', [
-    (4, 8, 1, 'model.moe_top_k=8 must lie in [1, model.moe_experts=4]'),
-    (4, 0, 1, 'model.moe_top_k=0 must lie in [1, model.moe_experts=4]'),
-    (6, 2, 4, 'mesh.expert=4 must divide model.moe_experts=6'),
-    (0, 8, 1, None),  # MoE off
+@pytest.mark.parametrize('mlp,experts,top_k,expert_axis,message', [
+    ('moe', 4, 8, 1, 'model.moe_top_k=8 must lie in [1, model.moe_experts=4]'),
+    ('moe', 4, 0, 1, 'model.moe_top_k=0 must lie in [1, model.moe_experts=4]'),
+    ('moe', 0, 1, 1, 'model.moe_experts=0 must be >= 1'),
+    ('moe', 6, 2, 4, 'mesh.expert=4 must divide model.moe_experts=6'),
+    ('dense', 4, 8, 1, None),  # the moe_* keys are unused by a dense MLP
 ])
-def test_moe_keys_are_checked_when_present(experts, top_k, expert_axis, message):
+def test_moe_keys_are_checked_for_a_moe_mlp(mlp, experts, top_k, expert_axis, message):
   cfg = tiny.get_config()
-  with cfg.unlocked():  # the MoE keys are added by the MoE work; simulate them here
-    cfg.model.moe_experts = experts
-    cfg.model.moe_top_k = top_k
+  cfg.model.mlp = mlp
+  cfg.model.moe_experts = experts
+  cfg.model.moe_top_k = top_k
   cfg.mesh.expert = expert_axis
   if message is None:
     config_lib._validate_moe(cfg)
