@@ -50,8 +50,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return out['state'], out['data']
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str):
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str,
+                   defaults: dict | None = None):
   """(step, state, data_state) from the newest undamaged step, or None if none exist.
+
+  `defaults`: top-level state entries that checkpoints written before they existed
+  lack; such a checkpoint restores with these values.
 
   A step whose saved shapes differ from `abstract_state` is a config problem, not
   damage: that raises ValueError naming the param and both shapes. A step that fails
@@ -67,9 +71,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str):
     except Exception as e:  # pylint: disable=broad-except
       problem = _describe(e)
     else:
-      check_shapes(abstract_state, saved, f'checkpoint {_dir(workdir)}/{step}')
+      absent = {k: v for k, v in (defaults or {}).items() if k not in saved}
+      want = {k: v for k, v in abstract_state.items() if k not in absent}
+      check_shapes(want, saved, f'checkpoint {_dir(workdir)}/{step}')
       try:
-        state, data_state = restore(mngr, step, abstract_state)
+        state, data_state = restore(mngr, step, want)
+        state = {**state, **absent}
         problem = None
       except Exception as e:  # pylint: disable=broad-except
         problem = _describe(e)

@@ -152,7 +152,8 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
 
 def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
   run, state = build_run(cfg, workdir)
-  found = ckpt.restore_latest(mngr, _abstract(state, run.state_shardings), workdir)
+  found = ckpt.restore_latest(mngr, _abstract(state, run.state_shardings), workdir,
+                              defaults={k: state[k] for k in faults.counters()})
   if found is not None:
     step, state, data_state = found
     run.data.train_iter.set_state(data_state)

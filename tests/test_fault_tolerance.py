@@ -290,6 +290,19 @@ def test_shape_mismatch_names_the_param_and_both_shapes(reference, tmp_path):
   assert _committed(tmp_path / 'w') == [10, 15, 20]  # a mismatch is not damage: nothing moved
 
 
+def test_checkpoint_from_before_the_fault_counters_still_resumes(reference, tmp_path):
+  cfg, ref_dir, ref_state = reference
+  old = {k: v for k, v in jax.device_get(ref_state).items() if k not in faults.counters()}
+  mngr = ckpt.manager(str(tmp_path), 3)
+  ckpt.save(mngr, 20, old, {'next_index': 20})
+  mngr.close()
+  shutil.copy(ref_dir / 'config.json', tmp_path / 'config.json')
+  final = trainer.train(cfg, str(tmp_path))
+  assert final['step'] == 20 and int(final['state']['bad_steps']) == 0
+  chex.assert_trees_all_equal(jax.device_get(final['state']['params']),
+                              jax.device_get(ref_state['params']))
+
+
 _RESHARD = textwrap.dedent('''
     import sys, numpy as np, jax
     sys.path.insert(0, '.')
