@@ -85,8 +85,11 @@ def steps(workdir: str) -> list[int]:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str,
-                   optimizer: str = ''):
+                   optimizer: str = '', defaults: dict | None = None):
   """(step, state, data_state) from the newest undamaged step, or None if none exist.
+
+  `defaults`: top-level state entries that checkpoints written before they existed
+  lack; such a checkpoint restores with these values.
 
   A step whose saved shapes differ from `abstract_state` is a config problem, not
   damage: that raises ValueError naming the param and both shapes. A step that fails
@@ -103,13 +106,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, workdir: str,
       problem = _describe(e)
     else:
       where = f'checkpoint {_dir(workdir)}/{step}'
+      absent = {k: v for k, v in (defaults or {}).items() if k not in saved}
+      want = {k: v for k, v in abstract_state.items() if k not in absent}
       # Params first (a model change names its param), then the optimizer's structure
       # (a switched optimizer gets its own advice), then every leaf.
-      check_shapes({'params': abstract_state['params']}, saved, where, params_only=True)
-      check_opt_state(mngr, step, abstract_state['opt_state'], optimizer)
-      check_shapes(abstract_state, saved, where)
+      check_shapes({'params': want['params']}, saved, where, params_only=True)
+      check_opt_state(mngr, step, want['opt_state'], optimizer)
+      check_shapes(want, saved, where)
       try:
-        state, data_state = restore(mngr, step, abstract_state)
+        state, data_state = restore(mngr, step, want)
+        state = {**state, **absent}
         problem = None
       except Exception as e:  # pylint: disable=broad-except
         problem = _describe(e)

@@ -34,10 +34,10 @@ class StopRequest:
 
   One process: Python handlers set a flag; `should_stop` reads it. Several processes:
   JAX's preemption service owns SIGTERM (it installs its own handler when
-  `jax.distributed.initialize` runs) and `should_stop(step)` is True on every host at
-  the same step (`reached_preemption_sync_point`, which every host must call at every
-  step); SIGINT is forwarded to it as a SIGTERM. A second signal of the same kind
-  gets its previous handler at once (SIGINT: KeyboardInterrupt; SIGTERM: exit).
+  `jax.distributed.initialize` runs) and `should_stop` is True on every host after the
+  same step (`reached_preemption_sync_point`, called by every host at every step);
+  SIGINT is forwarded to it as a SIGTERM. A second signal of the same kind gets its
+  previous handler at once (SIGINT: KeyboardInterrupt; SIGTERM: exit).
   """
 
   def __init__(self):
@@ -48,6 +48,12 @@ class StopRequest:
   def __enter__(self) -> StopRequest:
     if threading.current_thread() is not threading.main_thread():
       log.warning('train() runs outside the main thread: SIGTERM/SIGINT are not handled')
+      return self
+    if self._multihost and not jax.config.jax_enable_preemption_service:
+      # Hosts stopping on their own would wait forever for each other in the save.
+      log.warning('jax_enable_preemption_service is off: on several hosts, SIGTERM and '
+                  'SIGINT end the run without a checkpoint')
+      self._multihost = False
       return self
     for sig in _SIGNALS:
       if self._multihost and sig == signal.SIGTERM:

@@ -151,18 +151,30 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   mngr = ckpt.manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-  check_workdir_config(cfg, workdir, mngr.latest_step())
-  if is_main:
-    faults.atomic_write(os.path.join(workdir, 'config.json'), config_lib.to_json(cfg))
-
-  with faults.StopRequest() as stop_request:
-    return _train(cfg, workdir, stop_at, mngr, stop_request, is_main)
+  try:
+    check_workdir_config(cfg, workdir, mngr.latest_step())
+    if is_main:
+      faults.atomic_write(os.path.join(workdir, 'config.json'), config_lib.to_json(cfg))
+    with faults.StopRequest() as stop_request:
+      final = _train(cfg, workdir, stop_at, mngr, stop_request, is_main)
+  except KeyboardInterrupt:
+    raise  # asked to stop at once: a save in flight is not waited for
+  except BaseException:
+    mngr.close()  # commits a save in flight (the last good state of a NonFiniteError)
+    raise
+  mngr.close()  # an async save commits before train() returns
+  if final['stopped']:
+    log.warning('stopped by %s after step %d; checkpoint saved in %s', final['stopped'],
+                final['step'], os.path.join(os.path.abspath(workdir), 'checkpoints',
+                                            str(final['step'])))
+  return final
 
 
 def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
   run, state = build_run(cfg, workdir)
   found = ckpt.restore_latest(mngr, _abstract(state, run.state_shardings), workdir,
-                             cfg.optimizer.name)
+                             cfg.optimizer.name,
+                             defaults={k: state[k] for k in faults.counters()})
   if found is not None:
     step, state, data_state = found
     run.data.train_iter.set_state(data_state)
@@ -269,15 +281,10 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
       if done:
         break
     bar.close()
-  mngr.wait_until_finished()  # an async save commits before the process may exit
-  mngr.close()
   writer.close()
-  where = os.path.join(os.path.abspath(workdir), 'checkpoints', str(final['step']))
   if diverged:
+    where = os.path.join(os.path.abspath(workdir), 'checkpoints', str(final['step']))
     raise faults.NonFiniteError(f'{diverged}; checkpoint: {where}')
-  if stopped:
-    log.warning('stopped by %s after step %d; checkpoint saved in %s', stopped,
-                final['step'], where)
   final['stopped'] = stopped
   final['state'] = state
   final['run'] = run

@@ -30,6 +30,32 @@ from configs import tiny  # noqa: E402
 TIMING = ('tokens_per_sec', 'mfu')  # the only fields of a record that depend on the clock
 
 
+@pytest.fixture(scope='module', autouse=True)
+def compile_once(tmp_path_factory):
+  """A persistent XLA cache shared by every run in this file, subprocesses included:
+  each distinct program compiles once (runs here differ mostly in when they stop)."""
+  from jax.experimental.compilation_cache import compilation_cache
+  cache = str(tmp_path_factory.mktemp('xla_cache'))
+  settings = {'jax_compilation_cache_dir': cache,
+              'jax_persistent_cache_min_compile_time_secs': 0,
+              'jax_persistent_cache_min_entry_size_bytes': 0}
+  before = {k: getattr(jax.config, k) for k in settings}
+  env_before = {k.upper(): os.environ.get(k.upper()) for k in settings}
+  for k, v in settings.items():
+    jax.config.update(k, v)
+    os.environ[k.upper()] = str(v)
+  compilation_cache.reset_cache()
+  yield
+  for k, v in before.items():
+    jax.config.update(k, v)
+  for k, v in env_before.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  compilation_cache.reset_cache()
+
+
 def _cfg(**train):
   cfg = tiny.get_config()
   cfg.train.update(**{'eval_every': 10, 'log_every': 5, **train})
@@ -129,18 +155,23 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
 
 
 def test_sigint_in_process_stops_after_the_step_and_restores_handlers(tmp_path):
-  cfg = _cfg(steps=5000, log_every=1, eval_every=0)  # long: the signal lands mid-run
+  cfg = _cfg(steps=200, log_every=1, eval_every=0)  # the program of the test above
   cfg.checkpoint.every = 1000
 
   def interrupt():
     _wait_for(lambda: _last_step(tmp_path) >= 2)
     os.kill(os.getpid(), signal.SIGINT)
 
-  threading.Thread(target=interrupt, daemon=True).start()
-  final = trainer.train(cfg, str(tmp_path))
-  assert final['stopped'] == 'SIGINT' and 2 <= final['step'] < 5000
+  ignore = lambda *_: None  # a SIGINT landing after train() returns must not end pytest
+  previous = signal.signal(signal.SIGINT, ignore)
+  try:
+    threading.Thread(target=interrupt, daemon=True).start()
+    final = trainer.train(cfg, str(tmp_path))
+    assert signal.getsignal(signal.SIGINT) is ignore  # train() put back what it found
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert final['stopped'] == 'SIGINT' and 2 <= final['step'] < 200
   assert _committed(tmp_path) == [final['step']]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
@@ -170,7 +201,7 @@ def test_second_signal_stops_at_once_and_a_signal_during_setup_stops_before_step
 def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
   """Kills during an async save and at random steps; keep=1, so a kill between a new
   save and its commit finds the previous checkpoint still there."""
-  overrides = {'train.steps': 90, 'train.eval_every': 20, 'train.log_every': 3,
+  overrides = {'train.steps': 200, 'train.eval_every': 20, 'train.log_every': 3,
                'checkpoint.every': 6, 'checkpoint.keep': 1, 'checkpoint.async_save': True}
   cut = tmp_path / 'cut'
   rng = random.Random(0)
@@ -257,6 +288,19 @@ def test_shape_mismatch_names_the_param_and_both_shapes(reference, tmp_path):
                                        r'\(2, 48, 32\) in this model'):
     trainer.train(cfg, str(tmp_path / 'w'))
   assert _committed(tmp_path / 'w') == [10, 15, 20]  # a mismatch is not damage: nothing moved
+
+
+def test_checkpoint_from_before_the_fault_counters_still_resumes(reference, tmp_path):
+  cfg, ref_dir, ref_state = reference
+  old = {k: v for k, v in jax.device_get(ref_state).items() if k not in faults.counters()}
+  mngr = ckpt.manager(str(tmp_path), 3)
+  ckpt.save(mngr, 20, old, {'next_index': 20})
+  mngr.close()
+  shutil.copy(ref_dir / 'config.json', tmp_path / 'config.json')
+  final = trainer.train(cfg, str(tmp_path))
+  assert final['step'] == 20 and int(final['state']['bad_steps']) == 0
+  chex.assert_trees_all_equal(jax.device_get(final['state']['params']),
+                              jax.device_get(ref_state['params']))
 
 
 _RESHARD = textwrap.dedent('''
@@ -430,8 +474,7 @@ def test_resuming_with_a_changed_config_is_refused_unless_allowed(reference, tmp
 
   cfg.optimizer.lr = 1e-3
   cfg.train.allow_config_change = True
-  cfg.train.steps = 23
-  assert trainer.train(cfg, str(workdir))['step'] == 23
+  assert trainer.train(cfg, str(workdir))['step'] == 22  # resumes (at the end: no steps)
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['optimizer']['lr'] == 1e-3
   assert json.loads((workdir / 'config.before_step22.json').read_text())['optimizer']['lr'] == 3e-3
