@@ -6,6 +6,10 @@
 Rerunning the same command with the same --workdir resumes from the newest checkpoint.
 """
 
+from scalejax import xla_flags
+
+xla_flags.apply()  # first, before JAX starts: allocator and XLA settings (xla_flags.py)
+
 import logging
 
 from absl import app, flags

@@ -143,16 +143,22 @@ class Block(nnx.Module):
     if self.placement == 'post':
       x = self.attn_norm(x_BxLxD + self.attn(x_BxLxD, x_BxLxD, x_BxLxD, positions_L))
       return self.mlp_norm(x + self.mlp(x, x))
-    h = _branches(self.attn_norm(x_BxLxD), 3)
+    h = _feed(self.attn_norm, x_BxLxD, self.attn, 3)
     a = self.attn(*h, positions_L)
     x = x_BxLxD + (a if self.attn_out_norm is None else self.attn_out_norm(a))
-    h = _branches(self.mlp_norm(x), 2)
+    h = _feed(self.mlp_norm, x, self.mlp, 2)
     m = self.mlp(*h)
     return x + (m if self.mlp_out_norm is None else self.mlp_out_norm(m))
 
 
 def _branches(out, k):
   return out if isinstance(out, tuple) else (out,) * k
+
+
+def _feed(norm, x, module, k):
+  """The norm's k branch inputs for `module`, as `norms.Scaled` when the module folds
+  scales into its kernels (`folds_scales`), else as arrays."""
+  return _branches(norm.scaled(x) if getattr(module, 'folds_scales', False) else norm(x), k)
 
 
 class Decoder(nnx.Module):
