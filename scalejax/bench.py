@@ -33,6 +33,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -42,6 +43,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from scalejax import counting, metrics, sharding, trainer  # noqa: E402
+from scalejax.variants import VARIANTS  # noqa: E402
 
 FIELDS = ('variant', 'compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'tokens_per_s',
           'flops_per_step', 'mfu', 'peak_bytes', 'device_peak_bytes', 'step_ratio',
@@ -225,8 +227,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   variants = [v for v in f.variants.split(',') if v]
-  if not variants:
-    raise app.UsageError('--variants needs at least one variant name')
+  bad = [v for v in variants if v not in VARIANTS]
+  if bad or not variants:
+    sys.exit(f'scalejax.bench: error: unknown model.variant {bad[0]!r} in --variants; valid: '
+             f'{", ".join(VARIANTS)}' if bad else 'scalejax.bench: error: --variants is empty')
   out = run_benchmark(f.config, variants, f.rounds, f.steps, f.warmup)
   print(f'{out["machine"]["device_kind"]} x{out["machine"]["device_count"]}, '
         f'load {out["load_avg_start"]:.1f}->{out["load_avg_end"]:.1f}, '
