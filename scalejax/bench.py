@@ -18,7 +18,9 @@ the ratios stay meaningful on a shared machine. Reported per variant:
   temporaries) and, where the device reports it, the allocator's peak;
 - step_ratio and memory_ratio to `baseline` (when measured).
 
-Data come from the config's pipeline, fetched before timing.
+Data come from the config's pipeline, fetched before timing. `--nanogpt_torch` adds
+nanoGPT's model and optimizer step in PyTorch (if installed) to the same rounds: an
+external reference measured under the same load.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ class Case:
   wall: list = dataclasses.field(default_factory=list)
   cpu: list = dataclasses.field(default_factory=list)
   loss: float = float('nan')
+  vocab: int = 0
+
+  def run(self, n: int) -> float:
+    m = None
+    for i in range(n):
+      self.state, m = self.step(self.state, self.batches[i % len(self.batches)])
+    jax.block_until_ready(m)
+    return float(m['loss'])
 
 
 def compiled_bytes(compiled) -> int:
@@ -89,33 +99,97 @@ def build_case(cfg, name: str, n_batches: int) -> Case:
   tokens = cfg.train.batch_size * cfg.train.seq_len
   flops = counting.flops_per_token(run.model_cfg, cfg.train.seq_len) * tokens
   return Case(name, compiled, state, batches, tokens, flops, compile_s,
-              compiled_bytes(compiled))
-
-
-def _run_steps(case: Case, n: int):
-  m = None
-  for i in range(n):
-    case.state, m = case.step(case.state, case.batches[i % len(case.batches)])
-  jax.block_until_ready(m)
-  return m
+              compiled_bytes(compiled), vocab=run.model_cfg.vocab_size)
 
 
 def measure(cases: list[Case], rounds: int, steps: int, warmup: int,
             probe=None) -> list[float]:
   """Times `rounds` rounds of `steps` steps of every case; returns the probe's FLOP/s."""
   for case in cases:
-    _run_steps(case, warmup)
+    case.run(warmup)
   probe_flops = []
   for _ in range(rounds):
     for case in cases:
       t, c = time.perf_counter(), time.process_time()
-      m = _run_steps(case, steps)
+      case.loss = case.run(steps)
       case.wall.append((time.perf_counter() - t) / steps)
       case.cpu.append((time.process_time() - c) / steps)
-      case.loss = float(m['loss'])
     if probe is not None:
       probe_flops.append(probe())
   return probe_flops
+
+
+def nanogpt_torch_case(cfg, vocab: int) -> Case:
+  """nanoGPT's model and AdamW step in PyTorch (eager, CPU), timed like a variant.
+
+  GPT-2 style: learned positions, LayerNorm with bias, fused qkv with bias, causal
+  `scaled_dot_product_attention`, GELU MLP of width 4d, tied head, no dropout; the
+  shape (layers, heads, width, context, batch) and optimizer settings come from `cfg`.
+  Written here from the architecture's description, for timing only: it runs in the
+  same rounds as the JAX variants, so both see the same load on a shared machine.
+  """
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  d, h, n_layers = cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers
+  b, l = cfg.train.batch_size, cfg.train.seq_len
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+      self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+      self.fc, self.fc_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+      q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+      heads = lambda t: t.view(b, l, h, d // h).transpose(1, 2)
+      a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+      x = x + self.proj(a.transpose(1, 2).reshape(b, l, d))
+      return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+
+  class GPT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(l, d)
+      self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
+      self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, idx):
+      x = self.wte(idx) + self.wpe(torch.arange(l))
+      for block in self.blocks:
+        x = block(x)
+      return self.ln_f(x) @ self.wte.weight.T
+
+  torch.manual_seed(cfg.seed)
+  model = GPT()
+  decay = [p for p in model.parameters() if p.dim() >= 2]
+  no_decay = [p for p in model.parameters() if p.dim() < 2]
+  o = cfg.optimizer
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': o.weight_decay},
+                           {'params': no_decay, 'weight_decay': 0.0}],
+                          lr=o.lr, betas=(o.b1, o.b2))
+  gen = torch.Generator().manual_seed(cfg.seed)
+  batches = [torch.randint(0, vocab, (b, l + 1), generator=gen) for _ in range(8)]
+
+  def step(state, tokens):
+    loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or float('inf'))
+    opt.step()
+    return state, loss
+
+  class TorchCase(Case):
+    def run(self, n):
+      for i in range(n):
+        _, loss = step(None, batches[i % len(batches)])
+      return loss.item()
+
+  matmul = n_layers * 12 * d * d + vocab * d
+  flops = (6 * matmul + 12 * n_layers * d * l) * b * l
+  return TorchCase('nanogpt_torch', None, None, batches, b * l, flops, 0.0, -1)
 
 
 def matmul_probe(n: int = 1024):
@@ -152,7 +226,7 @@ def report(cases: list[Case], peak: float, peak_source: str) -> list[dict]:
         mfu=c.flops_per_step / step_s / peak if peak > 0 else float('nan'),
         peak_bytes=c.peak_bytes, device_peak_bytes=device_peak_bytes(),
         step_ratio=step_s / base_ms if base else float('nan'),
-        memory_ratio=c.peak_bytes / base.peak_bytes if base and base.peak_bytes > 0
+        memory_ratio=c.peak_bytes / base.peak_bytes if base and min(c.peak_bytes, base.peak_bytes) > 0
         else float('nan'),
         loss=c.loss,
         # within-round ratios: each round's step time over baseline's in that round
@@ -198,9 +272,12 @@ def loadavg() -> float:
     return float('nan')
 
 
-def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int) -> dict:
+def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int,
+                  reference: bool = False) -> dict:
   load_start = loadavg()
   cases = [build_case(cfg, v, n_batches=min(steps, 16)) for v in variants]
+  if reference:
+    cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
   on_cpu = jax.devices()[0].platform == 'cpu'
   if on_cpu:
     probe = matmul_probe()
@@ -231,7 +308,7 @@ def main(argv):
   if bad or not variants:
     sys.exit(f'scalejax.bench: error: unknown model.variant {bad[0]!r} in --variants; valid: '
              f'{", ".join(VARIANTS)}' if bad else 'scalejax.bench: error: --variants is empty')
-  out = run_benchmark(f.config, variants, f.rounds, f.steps, f.warmup)
+  out = run_benchmark(f.config, variants, f.rounds, f.steps, f.warmup, f.nanogpt_torch)
   print(f'{out["machine"]["device_kind"]} x{out["machine"]["device_count"]}, '
         f'load {out["load_avg_start"]:.1f}->{out["load_avg_end"]:.1f}, '
         f'peak {out["peak_flops"] / 1e9:.1f} GFLOP/s ({out["peak_source"]})')
@@ -264,4 +341,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('steps', 10, 'steps per variant per round')
   flags.DEFINE_integer('warmup', 3, 'untimed steps per variant after compilation')
   flags.DEFINE_string('json', '', 'write the results here as JSON')
+  flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '
+                    'torch) in the same rounds, as an external reference')
   app.run(main)
