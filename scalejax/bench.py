@@ -128,6 +128,8 @@ def nanogpt_torch_case(cfg, vocab: int) -> Case:
   Written here from the architecture's description, for timing only: it runs in the
   same rounds as the JAX variants, so both see the same load on a shared machine.
   """
+  # OpenMP workers that spin while idle steal the cores from XLA's threads in between.
+  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
   import torch
   import torch.nn.functional as F
   from torch import nn
