@@ -8,6 +8,10 @@ SIGTERM / Ctrl-C stop after the current step with a checkpoint saved (exit 0). A
 config, bad data or a run stopped by non-finite losses is one line on stderr (exit 1).
 """
 
+from scalejax import xla_flags
+
+xla_flags.apply()  # first, before JAX starts: allocator and XLA settings (xla_flags.py)
+
 import ast
 import logging
 import re

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scalejax import roles
-from scalejax.norms import Norm, NormSpec, make_scale
+from scalejax.norms import Norm, NormSpec, Scaled, make_scale
 from scalejax.roles import Param
 
 DUAL_MODES = ('none', 'dp', 'dnp')
@@ -18,6 +18,12 @@ class Linear(nnx.Module):
 
   DP:  y = u * W(v * n)        (v is the preceding norm's scale, u an output scale)
   DNP: y = u * Norm(W(v * n))  (an extra normalization, u its output-role scale)
+
+  `x` may be a `norms.Scaled` (n with v not yet applied): v is then folded into the
+  kernel, diag(v) W, which replaces an elementwise pass over [tokens, d_in]
+  activations (and, under HG, a saved copy per branch) by a multiply over the
+  [d_in, d_out] weights. u multiplies the output, which XLA fuses into the matmul's
+  consumer.
   """
 
   def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
@@ -31,8 +37,12 @@ class Linear(nnx.Module):
             'dnp': lambda: Norm(norm, d_out, roles.OUTPUT_SCALE)}.get(dual)
     self.post = post() if post else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+  def __call__(self, x: jax.Array | Scaled) -> jax.Array:
+    w = self.kernel[...]
+    if isinstance(x, Scaled):
+      x, v = x.n, x.gamma
+      w = w if v is None else v[:, None] * w
+    y = jnp.dot(x, w.astype(x.dtype))
     if self.dual == 'dp':
       u = self.post()
       y = y if u is None else (y * u).astype(x.dtype)
@@ -67,6 +77,7 @@ def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float) -> jax.Arra
 
 class Attention(nnx.Module):
   """Causal multi-head / grouped-query attention with RoPE and optional QK-norm."""
+  folds_scales = True  # xq, xk, xv may be `norms.Scaled`: only Linear maps read them
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim_
@@ -95,6 +106,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x_g)) * up(x_u)); x_g and x_u differ only under HG."""
+  folds_scales = True  # xg, xu may be `norms.Scaled`: only Linear maps read them
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d, f, spec = cfg.d_model, cfg.ff_dim, cfg.norm_spec

@@ -169,10 +169,10 @@ class Block(nnx.Module):
       x = self.attn_norm(x_BxLxD + self.attn(x_BxLxD, x_BxLxD, x_BxLxD, positions_L))
       m, aux = _with_aux(self.mlp(*_branches(x, k)))
       return self.mlp_norm(x + m), aux
-    h = _branches(self.attn_norm(x_BxLxD), 3)
+    h = _feed(self.attn_norm, x_BxLxD, self.attn, 3)
     a = self.attn(*h, positions_L)
     x = x_BxLxD + (a if self.attn_out_norm is None else self.attn_out_norm(a))
-    m, aux = _with_aux(self.mlp(*_branches(self.mlp_norm(x), k)))
+    m, aux = _with_aux(self.mlp(*_feed(self.mlp_norm, x, self.mlp, k)))
     return x + (m if self.mlp_out_norm is None else self.mlp_out_norm(m)), aux
 
 
@@ -182,6 +182,12 @@ def _branches(out, k):
 
 def _with_aux(out):
   return out if isinstance(out, tuple) else (out, {})
+
+
+def _feed(norm, x, module, k):
+  """The norm's k branch inputs for `module`, as `norms.Scaled` when the module folds
+  scales into its kernels (`folds_scales`), else as arrays."""
+  return _branches(norm.scaled(x) if getattr(module, 'folds_scales', False) else norm(x), k)
 
 
 class Decoder(nnx.Module):

@@ -124,6 +124,33 @@ def make_scale(spec: NormSpec, dim: int, role: str) -> _Form:
 
 # --- the norm module --------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Scaled:
+  """`n * gamma` left unmultiplied, for a linear map to fold gamma into its kernel.
+
+  W(gamma * n) = (diag(gamma) W) n: folding costs a [d_in, d_out] multiply per step
+  instead of a pass over the activations, gamma's gradient comes from the kernel's
+  gradient instead of a reduction over tokens, and HG's branches share one saved
+  activation `n` for the backward pass. Same function, different rounding order.
+  """
+  n: jax.Array                  # normalized activations, in the compute dtype
+  gamma: jax.Array | None       # float32 [d]; None for the `none` form
+
+  @property
+  def shape(self):
+    return self.n.shape
+
+  @property
+  def dtype(self):
+    return self.n.dtype
+
+  def value(self) -> jax.Array:
+    """The product itself, as `Norm.__call__` returns it."""
+    if self.gamma is None:
+      return self.n
+    return (self.n.astype(jnp.float32) * self.gamma).astype(self.n.dtype)
+
+
 class Norm(nnx.Module):
   """Statistics computed once, then one scale vector per named branch (HG when > 1).
 
@@ -153,6 +180,17 @@ class Norm(nnx.Module):
         y = y + getattr(self, f'{name}_bias')[...]
       outs.append(y.astype(x.dtype))
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+  def scaled(self, x: jax.Array):
+    """`__call__` with each branch as `Scaled` (unmultiplied) for linear maps to fold.
+
+    With a bias the output is not a pure product, so it is returned computed.
+    """
+    if self.spec.bias:
+      return self(x)
+    n = STATISTICS[self.spec.kind](x.astype(jnp.float32), self.spec.eps).astype(x.dtype)
+    outs = tuple(Scaled(n, gamma) for gamma in self.gammas())
+    return outs[0] if len(outs) == 1 else outs
 
   def gammas(self) -> list[jax.Array | None]:
     """Effective scale vector of each branch (None for the `none` form)."""

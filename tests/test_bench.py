@@ -1,0 +1,79 @@
+"""scalejax.bench in CI's short mode (tiny config: it runs and emits every field) and
+the process tuning it applies (scalejax/xla_flags.py)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scalejax import bench, xla_flags
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope='module')
+def short_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench') / 'bench.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'scalejax.bench', '--config', 'configs/bench_tiny.py',
+       '--variants', 'baseline,unified', '--rounds', '2', '--steps', '2', '--warmup', '1',
+       '--json', str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_every_field_for_every_variant(short_run):
+  _, out = short_run
+  rows = {r['variant']: r for r in out['results']}
+  assert list(rows) == ['baseline', 'unified']
+  for name, row in rows.items():
+    assert set(bench.FIELDS) <= set(row), set(bench.FIELDS) - set(row)
+    for key in ('compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'tokens_per_s',
+                'flops_per_step', 'mfu', 'peak_bytes', 'step_ratio', 'memory_ratio', 'loss'):
+      assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (name, key)
+      assert row[key] > 0, (name, key)
+    assert len(row['step_ms_rounds']) == 2
+    assert row['step_ms_min'] <= row['step_ms']
+    # tokens/s is the batch's tokens over the median step time
+    assert row['tokens_per_s'] == pytest.approx(4 * 16 / (row['step_ms'] / 1e3))
+  assert rows['baseline']['step_ratio'] == 1.0 and rows['baseline']['memory_ratio'] == 1.0
+  # the analytic count is of matmuls only; unified's extra norms add bytes, not FLOPs
+  assert rows['unified']['flops_per_step'] == rows['baseline']['flops_per_step']
+  assert rows['unified']['memory_ratio'] > 1.0
+
+
+def test_run_metadata_and_table(short_run):
+  stdout, out = short_run
+  assert out['peak_flops'] > 0 and len(out['probe_flops_rounds']) == 2
+  assert out['machine']['platform'] == 'cpu' and out['machine']['cpu_count'] >= 1
+  assert out['machine']['tuning']['malloc'] is sys.platform.startswith('linux')
+  assert {'date', 'load_avg_start', 'load_avg_end', 'model', 'batch_size', 'seq_len'} <= set(out)
+  assert 'baseline' in stdout and 'unified' in stdout and 'MFU' in stdout
+
+
+def test_unknown_variant_is_one_clear_error():
+  proc = subprocess.run(
+      [sys.executable, '-m', 'scalejax.bench', '--config', 'configs/bench_tiny.py',
+       '--variants', 'baselin'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "unknown model.variant 'baselin'" in proc.stderr
+
+
+def test_xla_flags_append_and_never_override(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_a=1')
+  added = xla_flags._append_xla_flags(['--xla_a=2', '--xla_b=3'])
+  assert added == ['--xla_b=3']
+  assert xla_flags.os.environ['XLA_FLAGS'] == '--xla_a=1 --xla_b=3'  # the user's value wins
+  monkeypatch.delenv('XLA_FLAGS')
+  assert xla_flags._append_xla_flags([]) == []
+  assert 'XLA_FLAGS' not in xla_flags.os.environ
+
+
+def test_tuning_can_be_turned_off(monkeypatch):
+  monkeypatch.setattr(xla_flags, '_applied', {})
+  monkeypatch.setenv('SCALEJAX_NO_TUNING', '1')
+  assert xla_flags.apply() == {'malloc': False, 'xla_flags': False}
