@@ -63,6 +63,7 @@ PAPER = {
     'magdir': _v('magdir'),
     'magdir_unit': _v('magdir_unit'),
     'unified': _v('unified'),
+    'unified_nohg': _v('unified_nohg'),
 }
 
 

@@ -31,6 +31,10 @@ VARIANTS: dict[str, Variant] = {
     'magdir_unit': Variant(scale='magdir_unit', summary='gamma = beta sqrt(d) alpha/|alpha|'),
     'unified': Variant(scale='magdir', hg=True, dual='dnp', norm_decay='iwd',
                        summary='HG + DNP + magdir (OR) + input-only decay (IWD)'),
+    # HG splits a norm that feeds several maps; a Post-Norm output also feeds the
+    # residual stream, so Post-Norm gets the rest of the recipe.
+    'unified_nohg': Variant(scale='magdir', dual='dnp', norm_decay='iwd',
+                            summary='unified without HG (its Post-Norm counterpart)'),
 }
 
 
