@@ -49,7 +49,14 @@ ACCELERATORS = {
   'v6e-64': 'v6e:8x8', 'v6e-256': 'v6e:16x16',
 }
 HBM_GIB = {'v4': 32, 'v5p': 95, 'v5e': 16, 'v6e': 32}  # per chip, Cloud TPU docs
+# per chip, Cloud TPU docs: dense bf16 FLOP/s and HBM bandwidth (bytes/s), for the roofline
+PEAK_BF16 = {'v4': 275e12, 'v5p': 459e12, 'v5e': 197e12, 'v6e': 918e12}
+HBM_BW = {'v4': 1.2e12, 'v5p': 2.765e12, 'v5e': 0.819e12, 'v6e': 1.64e12}
 GIB = 1024**3
+
+
+def generation(topology_name: str) -> str | None:
+  return topology_name.split(':')[0] if ':' in topology_name else None
 
 
 def topology_devices(topology: str):
@@ -91,9 +98,25 @@ class Report:
   temp_bytes: int
   code_bytes: int
   hbm_bytes: int | None
-  flops: float | None            # compiler's estimate, per device
-  bytes_accessed: float | None   # compiler's estimate, per device
+  flops: float | None            # compiler's estimate, per device (layer_extrapolated_cost)
+  bytes_accessed: float | None   # compiler's estimate, per device (layer_extrapolated_cost)
   model_flops: float             # analytic (counting.flops_per_token), per device
+  peak_flops: float | None = None  # chip's dense bf16 peak (TPU only)
+  hbm_bw: float | None = None      # chip's HBM bandwidth, bytes/s (TPU only)
+
+  @property
+  def roofline_s(self) -> float | None:
+    """Step time if the chip ran the compiler's FLOPs at peak and its bytes at full
+    bandwidth, whichever bounds: an estimate, blind to collectives and overlap."""
+    if not (self.peak_flops and self.hbm_bw and self.flops and self.bytes_accessed):
+      return None
+    return max(self.flops / self.peak_flops, self.bytes_accessed / self.hbm_bw)
+
+  @property
+  def roofline_mfu(self) -> float | None:
+    """Analytic model FLOPs over the roofline time, against the peak."""
+    t = self.roofline_s
+    return None if t is None else self.model_flops / (t * self.peak_flops)
 
   @property
   def total_bytes(self) -> int:
@@ -119,23 +142,52 @@ def _prepare(cfg):
   return cfg
 
 
-def compile_train_step(cfg, topology: str = 'cpu'):
-  """Compiles the train step; returns (Report, compiled executable)."""
-  cfg = _prepare(cfg)
-  devices, hbm, name = topology_devices(topology)
+def _compile(cfg, devices):
   run, state = trainer.build_run(cfg, None, devices=devices, abstract=True)
   t = cfg.train
   batch_sh = sharding.batch_sharding(run.mesh)
   tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=batch_sh)
-  start = time.perf_counter()
   with jax.set_mesh(run.mesh):
     compiled = trainer.make_train_step(run).lower(
       state, {'inputs': tokens, 'targets': tokens}).compile()
+  return run, compiled
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis() or {}
+  return (cost[0] if cost else {}) if isinstance(cost, list) else cost  # older JAX: a list
+
+
+def layer_extrapolated_cost(cfg, devices) -> tuple[float | None, float | None]:
+  """(FLOPs, bytes accessed) per device of the whole step.
+
+  XLA's cost analysis counts a while loop's body once, so the scanned step's own figures
+  miss all layers but one. Copies with 1 and 2 layers, fully unrolled, give the cost of
+  one layer and of the rest; the total is extrapolated linearly to model.n_layers.
+  """
+  costs = []
+  for n in (1, 2):
+    c = cfg.copy_and_resolve_references()
+    c.model.update(n_layers=n, scan_unroll=n)
+    costs.append(_cost(_compile(c, devices)[1]))
+  out = []
+  for key in ('flops', 'bytes accessed'):
+    one, two = (c.get(key) for c in costs)
+    out.append(None if one is None or two is None
+               else one + (two - one) * (cfg.model.n_layers - 1))
+  return tuple(out)
+
+
+def compile_train_step(cfg, topology: str = 'cpu'):
+  """Compiles the train step; returns (Report, compiled executable)."""
+  cfg = _prepare(cfg)
+  devices, hbm, name = topology_devices(topology)
+  start = time.perf_counter()
+  run, compiled = _compile(cfg, devices)
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis() or {}
-  if isinstance(cost, list):  # older JAX: one dict per computation
-    cost = cost[0] if cost else {}
+  flops, bytes_accessed = layer_extrapolated_cost(cfg, devices)
+  t = cfg.train
   n_dev = len(devices)
   model_flops = flops_per_token(run.model_cfg, t.seq_len) * t.batch_size * t.seq_len / n_dev
   report = Report(
@@ -145,8 +197,8 @@ def compile_train_step(cfg, topology: str = 'cpu'):
     argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
     alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
     code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=hbm,
-    flops=cost.get('flops'), bytes_accessed=cost.get('bytes accessed'),
-    model_flops=model_flops)
+    flops=flops, bytes_accessed=bytes_accessed, model_flops=model_flops,
+    peak_flops=PEAK_BF16.get(generation(name)), hbm_bw=HBM_BW.get(generation(name)))
   return report, compiled
 
 
@@ -182,8 +234,12 @@ def format_report(r: Report) -> str:
     f'  total       {g(r.total_bytes)}   args + outputs - aliased + temps + code{verdict}',
     'per device per step:',
     f'  compiler    {est(r.flops, "FLOP")}, {est(r.bytes_accessed, "bytes accessed")} '
-    '(cost_analysis)',
+    '(cost_analysis, extrapolated over layers)',
     f'  analytic    {r.model_flops:.4g} FLOP   (counting.flops_per_token: 6N + attention)',
+    *([] if r.roofline_s is None else [
+      f'  roofline    {1e3 * r.roofline_s:.1f} ms/step, MFU <= {100 * r.roofline_mfu:.1f}% '
+      f'(ESTIMATE: max(FLOP/{r.peak_flops:.3g}, bytes/{r.hbm_bw:.3g} B/s); '
+      'no collectives, no overlap)']),
   ])
 
 
@@ -275,7 +331,8 @@ def _cli():
     if FLAGS.json:
       with open(FLAGS.json, 'w') as f:
         json.dump({**dataclasses.asdict(report), 'total_bytes': report.total_bytes,
-                   'fits': report.fits}, f, indent=2)
+                   'fits': report.fits, 'roofline_s': report.roofline_s,
+                   'roofline_mfu': report.roofline_mfu}, f, indent=2)
 
   app.run(main)
 

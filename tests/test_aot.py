@@ -82,6 +82,31 @@ def test_aot_on_8_cpu_devices_reports_sharded_memory(tmp_path):
   assert r['devices'] == 8 and r['total_bytes'] > r['argument_bytes']
 
 
+def test_compiler_cost_covers_every_scanned_layer():
+  # XLA counts a loop body once; the extrapolated figure must match the analytic count.
+  cfg = tiny.get_config()
+  cfg.model.update(n_layers=6, d_model=64, n_heads=4)
+  report, _ = aot.compile_train_step(cfg, 'cpu')
+  assert 0.97 < report.flops / report.model_flops < 1.1, (report.flops, report.model_flops)
+  one = tiny.get_config()
+  one.model.update(n_layers=1, d_model=64, n_heads=4)
+  single, _ = aot.compile_train_step(one, 'cpu')
+  assert 4 < report.bytes_accessed / single.bytes_accessed < 6.5
+
+
+def test_roofline_estimate_takes_the_bound_that_binds():
+  kw = dict(topology='v5p:2x2x1', devices=4, device_kind='TPU v5', mesh={}, batch_size=8,
+            seq_len=16, params=1, compile_s=0.0, argument_bytes=0, output_bytes=0,
+            alias_bytes=0, temp_bytes=0, code_bytes=0, hbm_bytes=None,
+            model_flops=300e12, peak_flops=400e12, hbm_bw=2e12)
+  compute = aot.Report(flops=400e12, bytes_accessed=1e12, **kw)   # 1 s of FLOPs, 0.5 s of bytes
+  assert compute.roofline_s == pytest.approx(1.0) and compute.roofline_mfu == pytest.approx(0.75)
+  memory = aot.Report(flops=400e12, bytes_accessed=4e12, **kw)    # 1 s of FLOPs, 2 s of bytes
+  assert memory.roofline_s == pytest.approx(2.0) and memory.roofline_mfu == pytest.approx(0.375)
+  cpu = aot.Report(flops=1.0, bytes_accessed=1.0, **{**kw, 'peak_flops': None})
+  assert cpu.roofline_s is None and 'roofline' not in aot.format_report(cpu)
+
+
 @needs_libtpu
 def test_aot_compiles_dense_and_moe_train_steps_for_a_v5p_slice():
   cfg = tiny.get_config()
@@ -91,6 +116,7 @@ def test_aot_compiles_dense_and_moe_train_steps_for_a_v5p_slice():
   assert dense.fits and dense.hbm_bytes == 95 * 2**30 and dense.flops > 0
   text = aot.format_report(dense)
   assert 'fits' in text and 'v5p:2x2x1: 4 x TPU v5' in text
+  assert 'roofline' in text and 0 < dense.roofline_mfu < 1
 
   cfg.model.update(mlp='moe', moe_experts=4, moe_expert_ff=32, variant='unified')
   cfg.mesh.update(fsdp=1, expert=4)
