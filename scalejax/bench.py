@@ -202,22 +202,6 @@ def nanogpt_torch_case(cfg, vocab: int) -> Case:
   return TorchCase('nanogpt_torch', None, None, batches, b * l, flops, 0.0, -1)
 
 
-def matmul_probe(n: int = 1024):
-  """A float32 n x n matmul, the CPU's practical peak: returns a callable -> FLOP/s."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-
-  def probe(repeats: int = 3) -> float:
-    best = float('inf')
-    for _ in range(repeats):
-      t = time.perf_counter()
-      f(a).block_until_ready()
-      best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-  return probe
-
-
 def device_peak_bytes() -> int:
   stats = jax.devices()[0].memory_stats() or {}
   return int(stats.get('peak_bytes_in_use', -1))
@@ -292,7 +276,7 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
     cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
   on_cpu = jax.devices()[0].platform == 'cpu'
   if on_cpu:
-    probe = matmul_probe()
+    probe = metrics.matmul_probe()
     peak_source = 'cpu float32 matmul probe, same rounds'
   else:
     probe = None
