@@ -71,8 +71,18 @@ def build_run(cfg, workdir: str | None, devices=None, abstract: bool = False
   param_sh = sharding.tree_shardings(axes_tree, abstract_params, mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: replicated)
+  # A param-shaped state leaf (Adam's moments) is sharded as its param. Params that a
+  # masked branch does not own (optax.multi_transform, e.g. Muon's) are MaskedNodes in
+  # that branch's state and stay so; factored statistics (Adafactor's row/column
+  # vectors) are small and replicated.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+
+  def state_sharding(leaf, param_sharding, param):
+    if masked(leaf):
+      return leaf
+    return param_sharding if leaf.shape == param.shape else replicated
+  opt_sh = optax.tree_map_params(tx, state_sharding, abstract_opt, param_sh, abstract_params,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
   state_sh = {'params': param_sh, 'opt_state': opt_sh, 'step': replicated,
               **{k: replicated for k in faults.counters()}}
 
