@@ -34,6 +34,7 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -47,8 +48,8 @@ from ml_collections import config_flags  # noqa: E402
 from scalejax import counting, metrics, sharding, trainer  # noqa: E402
 from scalejax.variants import VARIANTS  # noqa: E402
 
-FIELDS = ('variant', 'compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'tokens_per_s',
-          'flops_per_step', 'mfu', 'peak_bytes', 'device_peak_bytes', 'step_ratio',
+FIELDS = ('variant', 'compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'page_faults',
+          'tokens_per_s', 'flops_per_step', 'mfu', 'peak_bytes', 'device_peak_bytes', 'step_ratio',
           'memory_ratio', 'loss')
 
 
@@ -65,6 +66,7 @@ class Case:
   peak_bytes: int
   wall: list = dataclasses.field(default_factory=list)
   cpu: list = dataclasses.field(default_factory=list)
+  faults: list = dataclasses.field(default_factory=list)  # minor page faults per step
   loss: float = float('nan')
   vocab: int = 0
 
@@ -110,13 +112,19 @@ def measure(cases: list[Case], rounds: int, steps: int, warmup: int,
   probe_flops = []
   for _ in range(rounds):
     for case in cases:
-      t, c = time.perf_counter(), time.process_time()
+      t, c, f = time.perf_counter(), time.process_time(), _minor_faults()
       case.loss = case.run(steps)
       case.wall.append((time.perf_counter() - t) / steps)
       case.cpu.append((time.process_time() - c) / steps)
+      case.faults.append((_minor_faults() - f) / steps)
     if probe is not None:
       probe_flops.append(probe())
   return probe_flops
+
+
+def _minor_faults() -> int:
+  """This process's minor page faults so far: a fresh page touched (allocator churn)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def nanogpt_torch_case(cfg, vocab: int) -> Case:
@@ -194,22 +202,6 @@ def nanogpt_torch_case(cfg, vocab: int) -> Case:
   return TorchCase('nanogpt_torch', None, None, batches, b * l, flops, 0.0, -1)
 
 
-def matmul_probe(n: int = 1024):
-  """A float32 n x n matmul, the CPU's practical peak: returns a callable -> FLOP/s."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-
-  def probe(repeats: int = 3) -> float:
-    best = float('inf')
-    for _ in range(repeats):
-      t = time.perf_counter()
-      f(a).block_until_ready()
-      best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-  return probe
-
-
 def device_peak_bytes() -> int:
   stats = jax.devices()[0].memory_stats() or {}
   return int(stats.get('peak_bytes_in_use', -1))
@@ -224,6 +216,7 @@ def report(cases: list[Case], peak: float, peak_source: str) -> list[dict]:
     row = dict(
         variant=c.name, compile_s=c.compile_s, step_ms=1e3 * step_s,
         step_ms_min=1e3 * min(c.wall), cpu_ms=1e3 * statistics.median(c.cpu),
+        page_faults=statistics.median(c.faults),
         tokens_per_s=c.tokens_per_step / step_s, flops_per_step=c.flops_per_step,
         mfu=c.flops_per_step / step_s / peak if peak > 0 else float('nan'),
         peak_bytes=c.peak_bytes, device_peak_bytes=device_peak_bytes(),
@@ -240,13 +233,14 @@ def report(cases: list[Case], peak: float, peak_source: str) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-  head = (f'{"variant":<12} {"compile s":>9} {"step ms":>8} {"min ms":>7} {"cpu ms":>7} '
+  head = (f'{"variant":<12} {"compile s":>9} {"step ms":>8} {"min ms":>7} {"cpu ms":>7} {"faults":>7} '
           f'{"tok/s":>8} {"MFU":>6} {"peak MiB":>9} {"step x":>7} {"mem x":>6}')
   lines = [head, '-' * len(head)]
   for r in rows:
     lines.append(
         f'{r["variant"]:<12} {r["compile_s"]:9.2f} {r["step_ms"]:8.2f} '
-        f'{r["step_ms_min"]:7.2f} {r["cpu_ms"]:7.2f} {r["tokens_per_s"]:8.0f} '
+        f'{r["step_ms_min"]:7.2f} {r["cpu_ms"]:7.2f} {r["page_faults"]:7.0f} '
+        f'{r["tokens_per_s"]:8.0f} '
         f'{r["mfu"]:6.1%} {r["peak_bytes"] / 2**20:9.2f} {r["step_ratio"]:7.3f} '
         f'{r["memory_ratio"]:6.3f}')
   return '\n'.join(lines)
@@ -282,7 +276,7 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
     cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
   on_cpu = jax.devices()[0].platform == 'cpu'
   if on_cpu:
-    probe = matmul_probe()
+    probe = metrics.matmul_probe()
     peak_source = 'cpu float32 matmul probe, same rounds'
   else:
     probe = None

@@ -19,18 +19,26 @@ PEAK_FLOPS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 n x n matmul on this CPU: the CPU's practical peak."""
+def matmul_probe(n: int = 1024):
+  """A compiled float32 n x n matmul; returns a callable(repeats) -> best FLOP/s."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+
+  def probe(repeats: int = 3) -> float:
+    best = float('inf')
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+  return probe
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a float32 n x n matmul on this CPU: the CPU's practical peak."""
+  return matmul_probe(n)(repeats)
 
 
 def device_peak_flops(device=None) -> tuple[float, str]:

@@ -36,6 +36,7 @@ def test_every_field_for_every_variant(short_run):
                 'flops_per_step', 'mfu', 'peak_bytes', 'step_ratio', 'memory_ratio', 'loss'):
       assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (name, key)
       assert row[key] > 0, (name, key)
+    assert row['page_faults'] >= 0  # 0 is the goal of the allocator tuning
     assert len(row['step_ms_rounds']) == 2
     assert row['step_ms_min'] <= row['step_ms']
     # tokens/s is the batch's tokens over the median step time

@@ -13,19 +13,11 @@ from scalejax.layers import Linear
 from scalejax.model import ModelConfig, build_model, cross_entropy
 from scalejax.norms import Norm, NormSpec, Scaled
 
+from _util import randomize_scales
+
 D = 16
 
 
-def _randomize_scales(module, seed=1):
-  state = nnx.state(module, nnx.Param)
-  keys = iter(jax.random.split(jax.random.key(seed), 1000))
-
-  def f(v):
-    if v.get_metadata()['role'] in roles.SCALE_ROLES:
-      v[...] = jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=1.5)
-    return v
-  jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  nnx.update(module, state)
 
 
 @pytest.mark.parametrize('form,dual', [('vector', 'none'), ('none', 'dp'), ('magdir', 'dp'),
@@ -34,8 +26,8 @@ def test_linear_of_scaled_equals_linear_of_product(form, dual):
   spec = NormSpec(scale=form)
   norm = Norm(spec, D, roles.INPUT_SCALE, branches=('q', 'k'))
   lin = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(2), dual=dual, norm=spec)
-  _randomize_scales(norm)
-  _randomize_scales(lin, seed=2)
+  randomize_scales(norm)
+  randomize_scales(lin, seed=2)
   x = 3.0 * jax.random.normal(jax.random.key(0), (2, 5, D)) + 0.5
   for lazy, eager in zip(norm.scaled(x), norm(x)):
     assert isinstance(lazy, Scaled) and lazy.shape == eager.shape
@@ -54,7 +46,7 @@ def test_decoder_loss_and_grads_match_unfolded(monkeypatch):
   cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
                     variant='unified')
   model = build_model(cfg, seed=3)
-  _randomize_scales(model)
+  randomize_scales(model)
   graphdef, params = nnx.split(model)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
 

@@ -12,6 +12,8 @@ from scalejax.counting import param_counts
 from scalejax.model import ModelConfig, build_model, cross_entropy
 from scalejax.variants import VARIANTS
 
+from _util import randomize_scales
+
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
 
 
@@ -19,24 +21,13 @@ def _tokens(b=2, l=12, vocab=64, seed=0):
   return jax.random.randint(jax.random.key(seed), (b, l), 0, vocab)
 
 
-def _randomize_scales(model, seed=1):
-  """Set every scale param to a random positive vector (not the init)."""
-  state = nnx.state(model, nnx.Param)
-  keys = iter(jax.random.split(jax.random.key(seed), 1000))
-
-  def f(v):
-    if v.get_metadata()['role'] in roles.SCALE_ROLES:
-      v[...] = jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=1.5)
-    return v
-  jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  nnx.update(model, state)
 
 
 def test_folding_input_scales_into_next_linear_map_is_exact():
   """Pre-Norm: W(gamma * n) == (diag(gamma) W) n, for every input-role scale at once."""
   cfg = ModelConfig(**SMALL, variant='baseline')
   model = build_model(cfg, seed=3)
-  _randomize_scales(model)
+  randomize_scales(model)
   tokens = _tokens()
   want = model(tokens)
 
