@@ -9,6 +9,7 @@ Every form equals the plain vector gamma = 1 at initialization.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -29,6 +30,37 @@ def rms_stats(x32: jax.Array, eps: float) -> jax.Array:
 def layer_stats(x32: jax.Array, eps: float) -> jax.Array:
   centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
   return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_scale(x: jax.Array, gamma: jax.Array, eps: float) -> jax.Array:
+  """`rms_stats(x) * gamma` in x's dtype, keeping only x and 1/rms for the backward.
+
+  Autodiff of the composition would also save the normalized activations (for
+  d(gamma)): one more [tokens, d] tensor per norm. The backward recomputes them
+  instead, an elementwise pass that XLA fuses into the gradient's own.
+  """
+  return _rms_scale_fwd(x, gamma, eps)[0]
+
+
+def _rms_scale_fwd(x, gamma, eps):
+  x32 = x.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (x32 * r * gamma).astype(x.dtype), (x, r, gamma)
+
+
+def _rms_scale_bwd(eps, res, g):
+  del eps
+  x, r, gamma = res
+  n = x.astype(jnp.float32) * r
+  g32 = g.astype(jnp.float32)
+  d_gamma = jnp.sum(g32 * n, axis=tuple(range(n.ndim - 1)))
+  dn = g32 * gamma
+  dx = r * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), d_gamma.astype(gamma.dtype)
+
+
+rms_scale.defvjp(_rms_scale_fwd, _rms_scale_bwd)
 
 
 STATISTICS: dict[str, Callable[[jax.Array, float], jax.Array]] = {
@@ -172,6 +204,10 @@ class Norm(nnx.Module):
         setattr(self, f'{name}_bias', bias)
 
   def __call__(self, x: jax.Array):
+    if self.spec.kind == 'rms' and not self.spec.bias and len(self.branches) == 1:
+      gamma = self.gammas()[0]
+      if gamma is not None:
+        return rms_scale(x, gamma, self.spec.eps)
     n = STATISTICS[self.spec.kind](x.astype(jnp.float32), self.spec.eps)
     outs = []
     for name, gamma in zip(self.branches, self.gammas()):

@@ -9,6 +9,7 @@ from flax import nnx
 
 from scalejax import roles
 from scalejax.counting import param_counts
+from scalejax.layers import MLP
 from scalejax.model import ModelConfig, build_model, cross_entropy
 from scalejax.variants import VARIANTS
 
@@ -135,3 +136,17 @@ def test_causal():
 def test_bad_config_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**{**SMALL, **bad})
+
+
+@pytest.mark.parametrize('variant', ['baseline', 'dp', 'dnp', 'unified'])
+def test_mlp_keeps_only_its_matmul_outputs_for_the_backward(variant):
+  """The gating (and DP/DNP's output side) is recomputed in the backward pass: the
+  residuals of width d_ff are gate(x), up(x) and the down map's input, for every
+  variant; plain autodiff would keep 6 (8 with DP/DNP)."""
+  cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, vocab_size=16, d_ff=48, variant=variant)
+  graphdef, params = nnx.split(MLP(cfg, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  _, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x, x), params, x)
+  wide = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, 'shape', ())[-1:] == (48,)
+          and leaf.ndim == 3 and leaf.shape[:2] == (2, 8)]
+  assert len(wide) == 3, [leaf.shape for leaf in wide]
