@@ -190,7 +190,7 @@ def test_second_signal_stops_at_once_and_a_signal_during_setup_stops_before_step
 
   def build_then_signal(*args):
     out = build(*args)
-    os.kill(os.getpid(), signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)
     return out
   monkeypatch.setattr(trainer, 'build_run', build_then_signal)
   final = trainer.train(_cfg(steps=20), str(tmp_path))
