@@ -177,14 +177,19 @@ def test_sigint_in_process_stops_after_the_step_and_restores_handlers(tmp_path):
 
 def test_second_signal_stops_at_once_and_a_signal_during_setup_stops_before_step_1(
     tmp_path, monkeypatch):
-  # raise_signal delivers to this (the main) thread; os.kill may pick one of JAX's
-  # threads, and then the handler only runs whenever the main thread next checks.
-  with faults.StopRequest() as request:
-    signal.raise_signal(signal.SIGINT)
-    assert request.should_stop(1) and request.signal_name == 'SIGINT'
-    with pytest.raises(KeyboardInterrupt):
+  # The second signal acts as the handler found on entry would: make that Python's
+  # default (earlier tests or libraries may have left another one installed).
+  # raise_signal delivers to this (the main) thread; os.kill may pick one of JAX's.
+  found = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with faults.StopRequest() as request:
       signal.raise_signal(signal.SIGINT)
-      time.sleep(1)  # the handler runs between bytecodes; it raises before this ends
+      assert request.should_stop(1) and request.signal_name == 'SIGINT'
+      with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(1)  # the handler runs between bytecodes; it raises before this ends
+  finally:
+    signal.signal(signal.SIGINT, found)
 
   build = trainer.build_run
 
