@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scalejax import roles, sharding, trainer
+from scalejax import metrics, roles, sharding, trainer
 from scalejax.counting import flops_per_token, param_counts
 from scalejax.layers import Linear
 from scalejax.norms import Norm, NormSpec
@@ -49,8 +49,8 @@ ACCELERATORS = {
   'v6e-64': 'v6e:8x8', 'v6e-256': 'v6e:16x16',
 }
 HBM_GIB = {'v4': 32, 'v5p': 95, 'v5e': 16, 'v6e': 32}  # per chip, Cloud TPU docs
-# per chip, Cloud TPU docs: dense bf16 FLOP/s and HBM bandwidth (bytes/s), for the roofline
-PEAK_BF16 = {'v4': 275e12, 'v5p': 459e12, 'v5e': 197e12, 'v6e': 918e12}
+# HBM bandwidth per chip (bytes/s, Cloud TPU docs) for the roofline; peak FLOP/s come
+# from metrics.PEAK_FLOPS by device kind, as for MFU in training.
 HBM_BW = {'v4': 1.2e12, 'v5p': 2.765e12, 'v5e': 0.819e12, 'v6e': 1.64e12}
 GIB = 1024**3
 
@@ -200,7 +200,8 @@ def compile_train_step(cfg, topology: str = 'cpu'):
     alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
     code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=hbm,
     flops=flops, bytes_accessed=bytes_accessed, model_flops=model_flops,
-    peak_flops=PEAK_BF16.get(generation(name)), hbm_bw=HBM_BW.get(generation(name)))
+    peak_flops=metrics.device_peak_flops(devices[0])[0] if hbm else None,
+    hbm_bw=HBM_BW.get(generation(name)))
   return report, compiled
 
 
@@ -284,9 +285,7 @@ def norm_traffic(unit: NormUnit, device, dtype, grad: bool = False,
   sh = jax.sharding.SingleDeviceSharding(device)
   spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
   x = jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  cost = jax.jit(fn).lower(jax.tree.map(spec, params), x).compile().cost_analysis()
-  if isinstance(cost, list):
-    cost = cost[0]
+  cost = _cost(jax.jit(fn).lower(jax.tree.map(spec, params), x).compile())
   return cost['bytes accessed'] / (x.size * jnp.dtype(dtype).itemsize)
 
 

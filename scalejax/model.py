@@ -88,9 +88,12 @@ class ModelConfig:
          f'variant {self.variant!r} uses HG, which needs a norm in front of each branch: '
          'use model.placement=pre or sandwich'),
         (self.mlp in MLP_KINDS, f'model.mlp must be one of {tuple(MLP_KINDS)}'),
+        (self.mlp != 'moe' or self.moe_experts >= 1,
+         f'model.moe_experts={self.moe_experts} must be >= 1 with model.mlp=moe '
+         '(use model.mlp=dense for no experts)'),
         (self.mlp != 'moe' or 1 <= self.moe_top_k <= self.moe_experts,
-         f'model.moe_top_k={self.moe_top_k} must be between 1 and '
-         f'model.moe_experts={self.moe_experts}'),
+         f'model.moe_top_k={self.moe_top_k} must lie in [1, model.moe_experts='
+         f'{self.moe_experts}]: each token is routed to top_k of the experts'),
         (self.mlp != 'moe' or self.moe_capacity_factor > 0,
          'model.moe_capacity_factor must be positive'),
     ]

@@ -224,7 +224,7 @@ def test_param_counts_and_active_params_match_the_built_model(variant, shared):
 
 
 def test_moe_config_errors_name_the_key():
-  with pytest.raises(ValueError, match='model.moe_top_k=5 must be between 1 and model.moe_experts=4'):
+  with pytest.raises(ValueError, match=r'model.moe_top_k=5 must lie in \[1, model.moe_experts=4\]'):
     dataclasses.replace(CFG, moe_top_k=5)
   layer = nnx.clone(_layer())
   layer.group_size = 5
