@@ -8,7 +8,7 @@ SIGTERM / Ctrl-C stop after the current step with a checkpoint saved (exit 0). A
 config, bad data or a run stopped by non-finite losses is one line on stderr (exit 1).
 """
 
-from scalejax import xla_flags
+from scalejax.train import xla_flags
 
 xla_flags.apply()  # first, before JAX starts: allocator and XLA settings (xla_flags.py)
 
@@ -22,8 +22,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from scalejax import faults, trainer
-from scalejax.sample import generate
+from scalejax.train import nonfinite
+from scalejax.train import trainer
+from scalejax.model.sampling import generate
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/quickstart.py', 'config file (configs/*.py)',
@@ -47,7 +48,7 @@ def main(argv):
     _fail(e)
   try:
     final = trainer.train(cfg, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, faults.NonFiniteError) as e:
+  except (ValueError, FileNotFoundError, nonfinite.NonFiniteError) as e:
     _fail(e)
   if final['stopped']:
     saved = '; the checkpoint is saved' if final['step'] else ''

@@ -1,6 +1,6 @@
 """A seconds-long benchmark config on synthetic data: the CI smoke run of scalejax.bench."""
 
-from scalejax.config import base_config
+from scalejax.train.config import base_config
 
 
 def get_config():

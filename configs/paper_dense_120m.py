@@ -1,9 +1,9 @@
 """The paper's dense ~0.12B: d_model 640, 12 layers, 10 heads (123.4M params).
 
-Shape and settings: configs/paper_common.py.
+Shape and settings: scalejax/train/presets.py.
 """
 
-from configs.paper_common import paper_config
+from scalejax.train.presets import paper_config
 
 
 def get_config():

@@ -1,9 +1,9 @@
 """The paper's dense ~2B: d_model 2304, 28 layers, 18 heads (2.016B params).
 
-Shape and settings: configs/paper_common.py.
+Shape and settings: scalejax/train/presets.py.
 """
 
-from configs.paper_common import paper_config
+from scalejax.train.presets import paper_config
 
 
 def get_config():

@@ -1,9 +1,9 @@
 """The paper's dense ~0.5B: d_model 1280, 20 layers, 20 heads (522.0M params).
 
-Shape and settings: configs/paper_common.py.
+Shape and settings: scalejax/train/presets.py.
 """
 
-from configs.paper_common import paper_config
+from scalejax.train.presets import paper_config
 
 
 def get_config():

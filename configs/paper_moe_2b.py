@@ -1,10 +1,10 @@
 """The paper's MoE ~2B total: d_model 1536, 18 layers, 16 experts of width 1280, top-2
 (2.024B params, 537.2M active per token).
 
-Shape and settings: configs/paper_common.py.
+Shape and settings: scalejax/train/presets.py.
 """
 
-from configs.paper_common import paper_config
+from scalejax.train.presets import paper_config
 
 
 def get_config():

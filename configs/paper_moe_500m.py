@@ -1,10 +1,10 @@
 """The paper's MoE ~0.5B total: d_model 640, 12 layers, 16 experts of width 1024, top-2
 (461.7M params, 131.4M active per token).
 
-Shape and settings: configs/paper_common.py.
+Shape and settings: scalejax/train/presets.py.
 """
 
-from configs.paper_common import paper_config
+from scalejax.train.presets import paper_config
 
 
 def get_config():

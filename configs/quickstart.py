@@ -7,7 +7,7 @@ Python's standard library, read as bytes. A few minutes on a 2-core CPU.
 import os
 import sysconfig
 
-from scalejax.config import base_config
+from scalejax.train.config import base_config
 
 
 def get_config():

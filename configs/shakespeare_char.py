@@ -8,7 +8,7 @@ here: RoPE instead of learned positions, SwiGLU (width 8d/3) instead of GELU 4d,
 
 import os
 
-from scalejax.config import base_config
+from scalejax.train.config import base_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -16,7 +16,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config():
   cfg = base_config()
   cfg.data.update(source='text_files', tokenizer='char',
-                  path=os.path.join(_HERE, '..', '..', 'shared', 'data', 'tinyshakespeare.txt'),
+                  path=os.path.join(_HERE, '..', 'data', 'tinyshakespeare.txt'),
                   eval_fraction=0.1, eval_batches=140)  # the whole held-out 10%
   cfg.model.update(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, tie_embeddings=True,
                    scan_unroll=4)

@@ -10,7 +10,7 @@ docs/RESULTS.md).
 import os
 import sysconfig
 
-from scalejax.config import base_config
+from scalejax.train.config import base_config
 
 
 def get_config():

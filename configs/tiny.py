@@ -1,6 +1,6 @@
 """A seconds-long CPU config on synthetic data: smoke tests and CI."""
 
-from scalejax.config import base_config
+from scalejax.train.config import base_config
 
 
 def get_config():

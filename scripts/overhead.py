@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scalejax import sharding, trainer  # noqa: E402  (run from anywhere)
+from scalejax.core import sharding
+from scalejax.train import trainer  # noqa: E402  (run from anywhere)
 
 
 def main():

@@ -28,7 +28,7 @@ for corpus in $CORPORA; do
   mkdir -p $out
   if [ -n "${LR:-}" ]; then best=$LR; else
   echo "== $corpus: LR sweep of the baseline ($LRS), seed 0 == $(date -u +%T)"
-  python -m scalejax.study --config configs/$corpus.py --out $out --suite paper_post \
+  python -m scalejax.studies.ablation --config configs/$corpus.py --out $out --suite paper_post \
       --variants baseline --seeds 0 --lrs $LRS "${COMMON[@]}" > $out.sweep.log
   best=$(python - "$out" <<'PY'
 import json, sys
@@ -40,7 +40,7 @@ PY
   echo "   best lr $best"; cp $out/results.md $out/sweep.md
   fi
   echo "== $corpus: suite at lr $best == $(date -u +%T)"
-  python -m scalejax.study --config configs/$corpus.py --out $out --suite paper_post \
+  python -m scalejax.studies.ablation --config configs/$corpus.py --out $out --suite paper_post \
       --variants $VARIANTS,$POST_VARIANTS --seeds $SEEDS --lrs $best "${COMMON[@]}"
 done
 echo "== done $(date -u +%T)"

@@ -1,9 +1,20 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
+from pathlib import Path
+
 import jax
 from flax import nnx
 
-from scalejax import roles
+from scalejax.core import roles
+from scalejax.train.config import load_config
+
+ROOT = Path(__file__).parents[1]
+SHAKESPEARE = ROOT / 'data' / 'tinyshakespeare.txt'  # ships with the repository
+
+
+def tiny_config():
+  """A fresh ConfigDict of configs/tiny.py (seconds-long synthetic-data runs)."""
+  return load_config(ROOT / 'configs' / 'tiny.py')
 
 
 def randomize_scales(module, seed=1):

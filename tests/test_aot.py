@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from scalejax import aot, param_report
+from scalejax.cli import aot, param_report
+from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import paper_common, tiny  # noqa: E402
+from scalejax.train import presets
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 needs_libtpu = pytest.mark.skipif(
@@ -41,7 +41,7 @@ def _run(*args, devices=1, extra_env=None):
 # --- paper sizes ------------------------------------------------------------------
 
 def test_param_report_reproduces_the_llama_1b_counts():
-  out = _run('-m', 'scalejax.param_report', '--config', 'configs/paper_dense_1b.py')
+  out = _run('-m', 'scalejax.cli.param_report', '--config', 'configs/paper_dense_1b.py')
   rows = dict((line[:18].strip(), line[18:].strip()) for line in out.splitlines())
   assert rows['total params'] == '1,028,065,024'
   assert rows['scale vectors'].startswith('80,640  (0.0078% of total)')
@@ -54,7 +54,7 @@ def test_param_report_reproduces_the_llama_1b_counts():
     ('dense_2b', (1.9e9, 2.1e9), None),
     ('moe_500m', (0.4e9, 0.55e9), (0.1e9, 0.2e9)), ('moe_2b', (1.9e9, 2.1e9), (0.4e9, 0.7e9))])
 def test_paper_configs_have_the_paper_sizes(name, total, active):
-  cfg = paper_common.paper_config(name)
+  cfg = presets.paper_config(name)
   _, counts = param_report.report(cfg)   # also checks counting.py against the built model
   assert total[0] < counts['total'] < total[1]
   lo, hi = active or total
@@ -66,12 +66,12 @@ def test_paper_configs_have_the_paper_sizes(name, total, active):
 
 def test_aot_on_8_cpu_devices_reports_sharded_memory(tmp_path):
   report = tmp_path / 'r.json'
-  out = _run('-m', 'scalejax.aot', '--config', 'configs/tiny.py', '--topology', 'cpu',
+  out = _run('-m', 'scalejax.cli.aot', '--config', 'configs/tiny.py', '--topology', 'cpu',
              '--config.model.d_ff=64', '--config.mesh.data=1', '--config.mesh.fsdp=4',
              '--config.mesh.tensor=2', '--json', str(report), devices=8)
   assert 'mesh          data=1 fsdp=4 tensor=1' not in out and 'fsdp=4 tensor=2' in out
   r = json.loads(report.read_text())
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.model.update(vocab_size=cfg.data.synthetic_vocab, d_ff=64)
   _, counts = param_report.report(cfg)
   state = 3 * 4 * counts['total']  # float32 params, Adam mu and nu
@@ -84,11 +84,11 @@ def test_aot_on_8_cpu_devices_reports_sharded_memory(tmp_path):
 
 def test_compiler_cost_covers_every_scanned_layer():
   # XLA counts a loop body once; the extrapolated figure must match the analytic count.
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.model.update(n_layers=6, d_model=64, n_heads=4)
   report, _ = aot.compile_train_step(cfg, 'cpu')
   assert 0.97 < report.flops / report.model_flops < 1.1, (report.flops, report.model_flops)
-  one = tiny.get_config()
+  one = tiny_config()
   one.model.update(n_layers=1, d_model=64, n_heads=4)
   single, _ = aot.compile_train_step(one, 'cpu')
   assert 4 < report.bytes_accessed / single.bytes_accessed < 6.5
@@ -109,7 +109,7 @@ def test_roofline_estimate_takes_the_bound_that_binds():
 
 @needs_libtpu
 def test_aot_compiles_dense_and_moe_train_steps_for_a_v5p_slice():
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.mesh.update(data=1, fsdp=-1)
   dense, _ = aot.compile_train_step(cfg, 'v5p-8')
   assert (dense.devices, dense.device_kind, dense.mesh['fsdp']) == (4, 'TPU v5', 4)

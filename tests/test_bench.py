@@ -1,5 +1,5 @@
-"""scalejax.bench in CI's short mode (tiny config: it runs and emits every field) and
-the process tuning it applies (scalejax/xla_flags.py)."""
+"""scalejax.cli.bench in CI's short mode (tiny config: it runs and emits every field) and
+the process tuning it applies (scalejax/train/xla_flags.py)."""
 
 import json
 import math
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scalejax import bench, xla_flags
+from scalejax.cli import bench
+from scalejax.train import xla_flags
 
 ROOT = Path(__file__).parents[1]
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).parents[1]
 def short_run(tmp_path_factory):
   out = tmp_path_factory.mktemp('bench') / 'bench.json'
   proc = subprocess.run(
-      [sys.executable, '-m', 'scalejax.bench', '--config', 'configs/bench_tiny.py',
+      [sys.executable, '-m', 'scalejax.cli.bench', '--config', 'configs/bench_tiny.py',
        '--variants', 'baseline,unified', '--rounds', '2', '--steps', '2', '--warmup', '1',
        '--json', str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -58,7 +59,7 @@ def test_run_metadata_and_table(short_run):
 
 def test_unknown_variant_is_one_clear_error():
   proc = subprocess.run(
-      [sys.executable, '-m', 'scalejax.bench', '--config', 'configs/bench_tiny.py',
+      [sys.executable, '-m', 'scalejax.cli.bench', '--config', 'configs/bench_tiny.py',
        '--variants', 'baselin'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "unknown model.variant 'baselin'" in proc.stderr

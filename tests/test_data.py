@@ -12,8 +12,9 @@ from scalejax.data import build_data, default_config, load_tokenizer
 from scalejax.data import sources
 from scalejax.data import tokenizers
 
+from _util import SHAKESPEARE
+
 REPO = Path(__file__).parents[1]
-SHAKESPEARE = Path(__file__).parents[2] / 'shared/data/tinyshakespeare.txt'
 
 
 def _cfg(**overrides):
@@ -160,7 +161,7 @@ def test_train_spm_command_and_sentencepiece_pipeline(tmp_path):
   corpus.write_text(SHAKESPEARE.read_text()[:100_000])
   prefix = tmp_path / 'spm' / 'tiny'
   subprocess.run(
-      [sys.executable, '-m', 'scalejax.data.train_spm', '--input',
+      [sys.executable, '-m', 'scalejax.cli.train_spm', '--input',
        str(corpus), '--vocab_size', '200', '--model_prefix', str(prefix)],
       cwd=REPO, check=True, capture_output=True)
   cfg = _cfg(path=str(corpus), tokenizer='sentencepiece',

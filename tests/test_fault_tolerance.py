@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scalejax import checkpoint as ckpt
-from scalejax import faults, sharding, trainer
+from scalejax.train import checkpoint as ckpt
+from scalejax.train import nonfinite, preemption
+from scalejax.core import sharding
+from scalejax.train import trainer
+from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import tiny  # noqa: E402
 
 TIMING = ('tokens_per_sec', 'mfu')  # the only fields of a record that depend on the clock
 
@@ -57,7 +58,7 @@ def compile_once(tmp_path_factory):
 
 
 def _cfg(**train):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.train.update(**{'eval_every': 10, 'log_every': 5, **train})
   cfg.checkpoint.update(every=5, keep=3)
   return cfg
@@ -148,7 +149,7 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
   assert 'To resume, rerun the same command' in out and '--workdir' in out
   assert _committed(tmp_path / 'cut')[-1] == stop  # the async save committed before exit
   # Rerunning resumes from that step and ends where an uninterrupted run ends.
-  cfg = _apply(tiny.get_config(), overrides)
+  cfg = _apply(tiny_config(), overrides)
   resumed = trainer.train(cfg, str(tmp_path / 'cut'))
   full = trainer.train(cfg, str(tmp_path / 'full'))
   _assert_same_run(tmp_path / 'cut', tmp_path / 'full', resumed['state'], full['state'])
@@ -182,7 +183,7 @@ def test_second_signal_stops_at_once_and_a_signal_during_setup_stops_before_step
   # raise_signal delivers to this (the main) thread; os.kill may pick one of JAX's.
   found = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    with faults.StopRequest() as request:
+    with preemption.StopRequest() as request:
       signal.raise_signal(signal.SIGINT)
       assert request.should_stop(1) and request.signal_name == 'SIGINT'
       with pytest.raises(KeyboardInterrupt):
@@ -243,7 +244,7 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
     seen.append(after)
   assert seen[0], 'the kill during an async save left no committed checkpoint'
 
-  cfg = _apply(tiny.get_config(), overrides)
+  cfg = _apply(tiny_config(), overrides)
   resumed = trainer.train(cfg, str(cut))
   full = trainer.train(cfg, str(tmp_path / 'full'))
   _assert_same_run(cut, tmp_path / 'full', resumed['state'], full['state'])
@@ -307,7 +308,7 @@ def test_shape_mismatch_names_the_param_and_both_shapes(reference, tmp_path):
 
 def test_checkpoint_from_before_the_fault_counters_still_resumes(reference, tmp_path):
   cfg, ref_dir, ref_state = reference
-  old = {k: v for k, v in jax.device_get(ref_state).items() if k not in faults.counters()}
+  old = {k: v for k, v in jax.device_get(ref_state).items() if k not in nonfinite.counters()}
   mngr = ckpt.manager(str(tmp_path), 3)
   ckpt.save(mngr, 20, old, {'next_index': 20})
   mngr.close()
@@ -320,11 +321,10 @@ def test_checkpoint_from_before_the_fault_counters_still_resumes(reference, tmp_
 
 _RESHARD = textwrap.dedent('''
     import sys, numpy as np, jax
-    sys.path.insert(0, '.')
-    from configs import tiny
-    from scalejax import checkpoint as ckpt, trainer
+    from scalejax.train import checkpoint as ckpt, trainer
+    from scalejax.train.config import load_config
     workdir, out = sys.argv[1:]
-    cfg = tiny.get_config()
+    cfg = load_config('configs/tiny.py')
     cfg.train.update(eval_every=10, log_every=5, steps=22)
     cfg.checkpoint.update(every=5, keep=3)
     cfg.mesh.update(data=2, fsdp=2, tensor=2)
@@ -366,11 +366,11 @@ def test_restore_on_a_different_mesh_reshards(reference, tmp_path):
 
 def test_guard_step_keeps_state_and_names_bad_gradients():
   state = {'params': {'a': jnp.ones(3), 'b': {'c': jnp.ones((2, 2))}},
-           'opt_state': (jnp.zeros(3),), **faults.counters()}
+           'opt_state': (jnp.zeros(3),), **nonfinite.counters()}
   new = {'params': {'a': jnp.full(3, 2.0), 'b': {'c': jnp.full((2, 2), 2.0)}},
          'opt_state': (jnp.ones(3),)}
   grads = {'a': jnp.ones(3), 'b': {'c': jnp.array([[1.0, jnp.inf], [0.0, 0.0]])}}
-  guard = jax.jit(faults.guard_step, static_argnums=5)
+  guard = jax.jit(nonfinite.guard_step, static_argnums=5)
 
   kept, m = guard(state, new, jnp.float32(1.0), grads, grads, 3)
   chex.assert_trees_all_equal(kept['params'], state['params'])
@@ -435,7 +435,7 @@ def test_nan_steps_are_skipped_then_k_in_a_row_stop_with_last_good_state(
   _poison(monkeypatch, steps=[3, 8, 9, 10])
   cfg = _cfg(steps=20, max_bad_steps=3, log_every=1)
   cfg.checkpoint.every = 7
-  with pytest.raises(faults.NonFiniteError) as err:
+  with pytest.raises(nonfinite.NonFiniteError) as err:
     trainer.train(cfg, str(tmp_path))
   msg = str(err.value)
   assert 'step 3: loss nan' in caplog.text and 'update skipped (1 in a row' in caplog.text
@@ -460,7 +460,7 @@ def test_nan_steps_are_skipped_then_k_in_a_row_stop_with_last_good_state(
   # nan_policy=stop: the first bad step stops the run; a rerun resumes past it.
   _poison(monkeypatch, steps=[3])
   cfg = _cfg(steps=6, nan_policy='stop')
-  with pytest.raises(faults.NonFiniteError, match=r'1 non-finite step\(s\) in a row \(steps 3-3'):
+  with pytest.raises(nonfinite.NonFiniteError, match=r'1 non-finite step\(s\) in a row \(steps 3-3'):
     trainer.train(cfg, str(tmp_path / 'stop'))
   _poison(monkeypatch, steps=[])
   final = trainer.train(cfg, str(tmp_path / 'stop'))

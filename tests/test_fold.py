@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from scalejax import model as model_lib
-from scalejax import roles
-from scalejax.layers import Linear
-from scalejax.model import ModelConfig, build_model, cross_entropy
-from scalejax.norms import Norm, NormSpec, Scaled
+from scalejax.model import decoder as model_lib
+from scalejax.core import roles
+from scalejax.model.layers import Linear
+from scalejax.model.config import ModelConfig
+from scalejax.model.decoder import build_model, cross_entropy
+from scalejax.scales.norms import Norm, NormSpec, Scaled
 
 from _util import randomize_scales
 

@@ -8,23 +8,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scalejax import checkpoint as ckpt
-from scalejax import config as config_lib
-from scalejax import inspect_scales as I
-from scalejax import trainer
-from scalejax.model import build_model
-from scalejax.scale_stats import input_scale_consumers
+from scalejax.train import checkpoint as ckpt
+from scalejax.train import config as config_lib
+from scalejax.studies import inspect_scales as I
+from scalejax.train import trainer
+from scalejax.model.decoder import build_model
+from scalejax.analysis.scale_stats import input_scale_consumers
+from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import tiny  # noqa: E402
 
 D, L = 32, 2  # tiny config: d_model 32, 2 layers, heads 2
 
 
 def _known_params(variant: str, step: int):
   """Params with hand-set scales and q/k/v/gate/up/head kernels of constant entries."""
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.model.update(variant=variant, tie_embeddings=False)
   model = build_model(config_lib.model_config(cfg, cfg.data.synthetic_vocab))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -88,7 +87,7 @@ def test_effective_gamma_of_magdir_and_hg_consumers(tmp_path):
   p = data['steps'][3]['precond']['blocks/attn_norm/k/layer1']
   upper = (3.0 * gamma[1]) ** 2 + D * 0.04                              # k feeds W_k only
   assert p['max'] == pytest.approx(upper.max(), rel=1e-5)
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.model.update(variant='unified', tie_embeddings=True)
   model = build_model(config_lib.model_config(cfg, 64))
   names = {c.name: c.kernels for c in input_scale_consumers(model)}
@@ -116,7 +115,7 @@ def test_report_and_plots_are_written(tmp_path):
 
 
 def test_trainer_logs_preconditioner_statistics(tmp_path):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.train.update(steps=2, eval_every=0, log_every=1)
   trainer.train(cfg, str(tmp_path))
   rec = json.loads((tmp_path / 'scale_stats.jsonl').read_text().splitlines()[-1])

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scalejax import roles
-from scalejax.counting import param_counts
-from scalejax.layers import MLP
-from scalejax.model import ModelConfig, build_model, cross_entropy
-from scalejax.variants import VARIANTS
+from scalejax.core import roles
+from scalejax.model.counting import param_counts
+from scalejax.model.layers import MLP
+from scalejax.model.config import ModelConfig
+from scalejax.model.decoder import build_model, cross_entropy
+from scalejax.scales.variants import VARIANTS
 
 from _util import randomize_scales
 

@@ -15,14 +15,16 @@ import optax
 import pytest
 from flax import nnx
 
-from scalejax import moe, roles, trainer
-from scalejax.counting import param_counts
-from scalejax.model import ModelConfig, build_model
-from scalejax.optim import build_optimizer, default_config
+from scalejax.model import moe
+from scalejax.core import roles
+from scalejax.train import trainer
+from scalejax.model.counting import param_counts
+from scalejax.model.config import ModelConfig
+from scalejax.model.decoder import build_model
+from scalejax.train.optim import build_optimizer, default_config
+from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import tiny  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, mlp='moe',
                   moe_experts=4, moe_top_k=2, moe_expert_ff=24, moe_shared_ff=16)
@@ -178,7 +180,7 @@ def test_unified_moe_roles_axes_and_weight_decay():
   opt = default_config()
   opt.update(weight_decay=0.1, grad_clip=0.0, lr=1.0, warmup_steps=0, schedule='constant')
   tx, _, rates = build_optimizer(opt, roles.role_tree(model), roles.axes_tree(model), 10,
-                                 cfg.variant_.norm_decay)
+                                 cfg.variant_spec.norm_decay)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
   decayed = {name: bool(jnp.any(u != 0)) for name, u in zip(
@@ -233,7 +235,7 @@ def test_moe_config_errors_name_the_key():
 
 
 def test_moe_model_trains_and_logs_router_statistics(tmp_path):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.model.update(mlp='moe', moe_experts=4, moe_top_k=2, moe_expert_ff=32, variant='hg')
   cfg.train.update(steps=6, eval_every=0, log_every=3)
   cfg.data.eval_batches = 0  # saves a compile; the eval step only reads loss_fn's 'loss'

@@ -19,12 +19,11 @@ STEPS, CUT = 6, 3
 
 def _worker(workdir: str, stop_at: int) -> None:
   """Runs train() in this process; saves its view of the final params."""
-  sys.path.insert(0, str(ROOT))
   import jax
-  from configs import tiny
-  from scalejax import trainer
+  from _util import tiny_config
+  from scalejax.train import trainer
 
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.data.eval_batches = 0
   cfg.train.update(steps=STEPS, log_every=1, eval_every=0)
   cfg.checkpoint.every = CUT
@@ -122,7 +121,7 @@ def test_restarted_two_process_run_matches_one_process(runs):
 
 
 def test_distributed_start_is_decided_by_the_environment(monkeypatch):
-  from scalejax import distributed
+  from scalejax.train import distributed
   for var in ('SCALEJAX_DISTRIBUTED', 'JAX_COORDINATOR_ADDRESS'):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setattr(distributed, '_on_cloud_tpu_vm', lambda: False)

@@ -8,9 +8,9 @@ import pytest
 from absl.testing import parameterized
 from flax import nnx
 
-from scalejax import roles
-from scalejax.layers import Linear
-from scalejax.norms import SCALE_FORMS, Norm, NormSpec, rms_scale, rms_stats
+from scalejax.core import roles
+from scalejax.model.layers import Linear
+from scalejax.scales.norms import SCALE_FORMS, Norm, NormSpec, rms_scale, rms_stats
 
 D = 16
 

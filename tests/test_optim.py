@@ -11,12 +11,13 @@ import optax
 import pytest
 from flax import nnx
 
-from scalejax import optim, roles, trainer
-from scalejax.model import ModelConfig, build_model, cross_entropy
+from scalejax.train import optim, trainer
+from scalejax.core import roles
+from scalejax.model.config import ModelConfig
+from scalejax.model.decoder import build_model, cross_entropy
+from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import tiny  # noqa: E402
 
 SMALL = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, max_seq_len=16,
                     variant='unified')  # every kind of scale: HG, DNP, magdir
@@ -175,7 +176,7 @@ def test_scale_lr_mult_scales_only_scale_vectors():
 
 
 def test_scale_lr_is_logged_and_optimizer_switch_on_resume_is_an_error(tmp_path):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.train.update(steps=4, eval_every=0, log_every=2)
   cfg.optimizer.scale_lr_mult = 2.0
   trainer.train(cfg, str(tmp_path), stop_at=2)

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scalejax import quant as Q
-from scalejax import roles as R
-from scalejax import trainer
-from scalejax.model import ModelConfig, build_model
-from scalejax.quant_study import contrasts, markdown, plot, study_run
-from scalejax.scale_stats import effective_scales
+from scalejax.analysis import quant as Q
+from scalejax.core import roles as R
+from scalejax.train import trainer
+from scalejax.model.config import ModelConfig
+from scalejax.model.decoder import build_model
+from scalejax.studies.quant_study import contrasts, markdown, plot, study_run
+from scalejax.analysis.scale_stats import effective_scales
+from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import tiny  # noqa: E402
 
 INT_FORMATS = [f for f, spec in Q.FORMATS.items() if spec.qmax is not None]
 
@@ -230,7 +230,7 @@ def test_every_mode_error_shrinks_with_bits():
 
 
 def test_study_command_writes_table_and_plot(tmp_path):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.model.update(tie_embeddings=False)
   cfg.train.update(steps=4, eval_every=0, log_every=2)
   run_dir = tmp_path / 'run'

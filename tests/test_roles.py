@@ -8,9 +8,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from scalejax import roles
-from scalejax.model import ModelConfig, build_model
-from scalejax.variants import VARIANTS
+from scalejax.core import roles
+from scalejax.model.config import ModelConfig
+from scalejax.model.decoder import build_model
+from scalejax.scales.variants import VARIANTS
 
 DOC = Path(__file__).parents[1] / 'docs' / 'ROLES.md'
 PLACEMENTS = ('pre', 'sandwich', 'post')

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from scalejax import roles as R
-from scalejax.scale_stats import role_means, scale_statistics
+from scalejax.core import roles as R
+from scalejax.analysis.scale_stats import role_means, scale_statistics
 
 
 def test_statistics_per_layer_and_role():

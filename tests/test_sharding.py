@@ -39,9 +39,9 @@ CHECKED = ('embed/table', 'head/kernel', 'blocks/attn/q/kernel', 'blocks/mlp/gat
 def _worker(out_dir: str) -> None:
   import jax
   import jax.numpy as jnp
-  sys.path.insert(0, str(ROOT))
-  from configs import tiny
-  from scalejax import sharding, trainer
+  from _util import tiny_config
+  from scalejax.core import sharding
+  from scalejax.train import trainer
 
   assert jax.device_count() == 8, jax.devices()
   arrays, layouts = {}, {}
@@ -52,7 +52,7 @@ def _worker(out_dir: str) -> None:
       yield f'{prefix}/{name}', name, v
 
   def one_step(name, model, mesh, devices, step):
-    cfg = tiny.get_config()
+    cfg = tiny_config()
     cfg.model.update(**MODELS[model])
     cfg.mesh.update(**mesh)
     # SGD: Adam's first update is g / (|g| + eps), a sign that a rounding-level change

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scalejax import study
+from scalejax.studies import ablation as study
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / 'configs' / 'tiny.py')

@@ -10,13 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from scalejax import trainer
-from scalejax.variants import VARIANTS
+from scalejax.train import trainer
+from scalejax.scales.variants import VARIANTS
+from _util import SHAKESPEARE, tiny_config
 
 ROOT = Path(__file__).parents[1]
-SHAKESPEARE = ROOT.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
-sys.path.insert(0, str(ROOT))
-from configs import tiny  # noqa: E402
 
 
 def _records(workdir, key):
@@ -25,7 +23,7 @@ def _records(workdir, key):
 
 
 def _shakespeare_cfg(steps=60):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.data.update(source='text_files', path=str(SHAKESPEARE), tokenizer='char',
                   eval_batches=4, max_bytes=300_000)
   cfg.train.update(steps=steps, batch_size=8, seq_len=32, eval_every=30, log_every=10)
@@ -63,7 +61,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 @pytest.mark.parametrize('variant', list(VARIANTS))
 def test_every_variant_trains(tmp_path, variant):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.model.variant = variant
   cfg.train.update(steps=6, eval_every=0, log_every=3)
   final = trainer.train(cfg, str(tmp_path))
@@ -75,7 +73,7 @@ def test_structured_optimizer_states_train_checkpoint_and_resume(tmp_path, name)
   # Muon's multi_transform state holds MaskedNodes where a branch owns no param, and
   # Adafactor's factored statistics are not param-shaped: the state shardings and the
   # checkpoint must carry both. (Param-shaped states: test_resume_is_bit_exact, AdamW.)
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.optimizer.name = name
   cfg.train.update(steps=6, eval_every=0, log_every=3)
   cfg.checkpoint.every = 3
@@ -110,13 +108,13 @@ def test_train_py_then_sample_and_init_from(tmp_path):
                   '--config.train.steps=10', '--config.train.sample_tokens=5')
   assert out.returncode == 0, out.stderr
   assert '--- sample ---' in out.stdout
-  sample = subprocess.run([sys.executable, '-m', 'scalejax.sample', '--workdir', str(src),
+  sample = subprocess.run([sys.executable, '-m', 'scalejax.cli.sample', '--workdir', str(src),
                            '--prompt', '1 2', '--tokens', '4'], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
   assert sample.returncode == 0, sample.stderr
   assert sample.stdout.startswith('1 2')
 
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.train.steps = 2
   cfg.init_from = str(src)
   cfg.optimizer.name = 'lion'  # switching optimizer is what params-only init is for

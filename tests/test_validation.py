@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from scalejax import config as config_lib
+from scalejax.train import config as config_lib
+from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import tiny  # noqa: E402
 
 
 def _set(**sections):
@@ -47,7 +46,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize('change,message', BAD_CONFIGS)
 def test_each_bad_config_value_is_one_line(change, message):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   change(cfg)
   if message is None:
     config_lib.validate(cfg)
@@ -65,7 +64,7 @@ def test_each_bad_config_value_is_one_line(change, message):
     ('dense', 4, 8, 1, None),  # the moe_* keys are unused by a dense MLP
 ])
 def test_moe_keys_are_checked_for_a_moe_mlp(mlp, experts, top_k, expert_axis, message):
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   cfg.model.mlp = mlp
   cfg.model.moe_experts = experts
   cfg.model.moe_top_k = top_k
@@ -78,7 +77,7 @@ def test_moe_keys_are_checked_for_a_moe_mlp(mlp, experts, top_k, expert_axis, me
 
 
 def test_unknown_keys_and_wrong_types_fail_when_set():
-  cfg = tiny.get_config()
+  cfg = tiny_config()
   with pytest.raises(AttributeError, match='stepz'):
     cfg.train.stepz = 3
   with pytest.raises(TypeError, match='steps'):

@@ -7,9 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from scalejax import roles as R
-from scalejax.model import ModelConfig, build_model
-from scalejax.weight_decay import NORM_DECAY_POLICIES, decay_rates, decay_table, role_weight_decay
+from scalejax.core import roles as R
+from scalejax.model.config import ModelConfig
+from scalejax.model.decoder import build_model
+from scalejax.scales.weight_decay import (NORM_DECAY_POLICIES, decay_rates, decay_table, role_weight_decay)
 
 LR, WD = 0.5, 0.1
 DIRECTIONS = {

@@ -91,7 +91,7 @@ class CharTokenizer:
 
 
 class SentencePieceTokenizer:
-  """A trained SentencePiece model (see `python -m scalejax.data.train_spm`)."""
+  """A trained SentencePiece model (see `python -m scalejax.cli.train_spm`)."""
 
   name = 'sentencepiece'
   _BLOCK_CHARS = 1 << 20
@@ -102,7 +102,7 @@ class SentencePieceTokenizer:
       raise FileNotFoundError(
           f'SentencePiece model {str(model_path)!r} not found; set '
           'data.spm_model to a .model file (train one with `python -m '
-          'scalejax.data.train_spm`).')
+          'scalejax.cli.train_spm`).')
     self.model_path = str(model_path)
     self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
     self.vocab_size = self._sp.get_piece_size()

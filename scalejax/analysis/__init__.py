@@ -1,0 +1,1 @@
+"""Reading trained scale vectors: statistics, preconditioner bounds, role-aware quantization."""

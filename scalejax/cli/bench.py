@@ -1,0 +1,344 @@
+"""Benchmark train steps: compile time, step time, tokens/s, memory, MFU, overhead.
+
+    python -m scalejax.cli.bench --config configs/shakespeare_char.py \
+        --variants baseline,unified --json bench.json [--config.KEY=VALUE ...]
+
+Every variant is built from the same config and measured in one process. Steps are
+timed in rounds: each round runs `--steps` steps of every variant in turn (and, on
+CPU, the matmul probe), so load from other processes falls on all of them alike and
+the ratios stay meaningful on a shared machine. Reported per variant:
+
+- compile_s: lowering plus XLA compilation of the train step;
+- step_ms: median over rounds of the mean step time (after `--warmup` steps), with
+  the min and the process CPU time per step (robust to other processes' load);
+- tokens_per_s, flops_per_step (analytic, `counting.flops_per_token`), mfu: achieved
+  FLOP/s over the device peak (bf16 dense peak on TPU/GPU; on CPU the float32 matmul
+  probe measured in the same rounds);
+- peak_bytes: XLA's own account of the compiled step (arguments + outputs - aliased +
+  temporaries) and, where the device reports it, the allocator's peak;
+- step_ratio and memory_ratio to `baseline` (when measured).
+
+Data come from the config's pipeline, fetched before timing. `--nanogpt_torch` adds
+nanoGPT's model and optimizer step in PyTorch (if installed) to the same rounds: an
+external reference measured under the same load.
+"""
+
+from __future__ import annotations
+
+from scalejax.train import xla_flags
+
+xla_flags.apply()  # before JAX creates its CPU client
+
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from scalejax.model import counting
+from scalejax.train import metrics, trainer
+from scalejax.core import sharding  # noqa: E402
+from scalejax.scales.variants import VARIANTS  # noqa: E402
+
+FIELDS = ('variant', 'compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'page_faults',
+          'tokens_per_s', 'flops_per_step', 'mfu', 'peak_bytes', 'device_peak_bytes', 'step_ratio',
+          'memory_ratio', 'loss')
+
+
+@dataclasses.dataclass
+class Case:
+  """One variant, compiled and ready to step."""
+  name: str
+  step: object
+  state: dict
+  batches: list
+  tokens_per_step: int
+  flops_per_step: float
+  compile_s: float
+  peak_bytes: int
+  wall: list = dataclasses.field(default_factory=list)
+  cpu: list = dataclasses.field(default_factory=list)
+  faults: list = dataclasses.field(default_factory=list)  # minor page faults per step
+  loss: float = float('nan')
+  vocab: int = 0
+
+  def run(self, n: int) -> float:
+    m = None
+    for i in range(n):
+      self.state, m = self.step(self.state, self.batches[i % len(self.batches)])
+    jax.block_until_ready(m)
+    return float(m['loss'])
+
+
+def compiled_bytes(compiled) -> int:
+  """Bytes the compiled step holds at its peak, by XLA's buffer assignment."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return -1
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
+def build_case(cfg, name: str, n_batches: int) -> Case:
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.model.variant = name
+  run, state = trainer.build_run(cfg, workdir=None)
+  batches = [sharding.global_batch(next(run.data.train_iter), run.mesh)
+             for _ in range(n_batches)]
+  with jax.set_mesh(run.mesh):
+    t = time.perf_counter()
+    compiled = trainer.make_train_step(run).lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  flops = counting.flops_per_token(run.model_cfg, cfg.train.seq_len) * tokens
+  return Case(name, compiled, state, batches, tokens, flops, compile_s,
+              compiled_bytes(compiled), vocab=run.model_cfg.vocab_size)
+
+
+def measure(cases: list[Case], rounds: int, steps: int, warmup: int,
+            probe=None) -> list[float]:
+  """Times `rounds` rounds of `steps` steps of every case; returns the probe's FLOP/s."""
+  for case in cases:
+    case.run(warmup)
+  probe_flops = []
+  for _ in range(rounds):
+    for case in cases:
+      t, c, f = time.perf_counter(), time.process_time(), _minor_faults()
+      case.loss = case.run(steps)
+      case.wall.append((time.perf_counter() - t) / steps)
+      case.cpu.append((time.process_time() - c) / steps)
+      case.faults.append((_minor_faults() - f) / steps)
+    if probe is not None:
+      probe_flops.append(probe())
+  return probe_flops
+
+
+def _minor_faults() -> int:
+  """This process's minor page faults so far: a fresh page touched (allocator churn)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def nanogpt_torch_case(cfg, vocab: int) -> Case:
+  """nanoGPT's model and AdamW step in PyTorch (eager, CPU), timed like a variant.
+
+  GPT-2 style: learned positions, LayerNorm with bias, fused qkv with bias, causal
+  `scaled_dot_product_attention`, GELU MLP of width 4d, tied head, no dropout; the
+  shape (layers, heads, width, context, batch) and optimizer settings come from `cfg`.
+  Written here from the architecture's description, for timing only: it runs in the
+  same rounds as the JAX variants, so both see the same load on a shared machine.
+  """
+  # OpenMP workers that spin while idle steal the cores from XLA's threads in between.
+  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  d, h, n_layers = cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers
+  b, l = cfg.train.batch_size, cfg.train.seq_len
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+      self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+      self.fc, self.fc_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+      q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+      heads = lambda t: t.view(b, l, h, d // h).transpose(1, 2)
+      a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+      x = x + self.proj(a.transpose(1, 2).reshape(b, l, d))
+      return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+
+  class GPT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(l, d)
+      self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
+      self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, idx):
+      x = self.wte(idx) + self.wpe(torch.arange(l))
+      for block in self.blocks:
+        x = block(x)
+      return self.ln_f(x) @ self.wte.weight.T
+
+  torch.manual_seed(cfg.seed)
+  model = GPT()
+  decay = [p for p in model.parameters() if p.dim() >= 2]
+  no_decay = [p for p in model.parameters() if p.dim() < 2]
+  o = cfg.optimizer
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': o.weight_decay},
+                           {'params': no_decay, 'weight_decay': 0.0}],
+                          lr=o.lr, betas=(o.b1, o.b2))
+  gen = torch.Generator().manual_seed(cfg.seed)
+  batches = [torch.randint(0, vocab, (b, l + 1), generator=gen) for _ in range(8)]
+
+  def step(state, tokens):
+    loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or float('inf'))
+    opt.step()
+    return state, loss
+
+  class TorchCase(Case):
+    def run(self, n):
+      for i in range(n):
+        _, loss = step(None, batches[i % len(batches)])
+      return loss.item()
+
+  matmul = n_layers * 12 * d * d + vocab * d
+  flops = (6 * matmul + 12 * n_layers * d * l) * b * l
+  return TorchCase('nanogpt_torch', None, None, batches, b * l, flops, 0.0, -1)
+
+
+def device_peak_bytes() -> int:
+  stats = jax.devices()[0].memory_stats() or {}
+  return int(stats.get('peak_bytes_in_use', -1))
+
+
+def report(cases: list[Case], peak: float, peak_source: str) -> list[dict]:
+  rows = []
+  base = next((c for c in cases if c.name == 'baseline'), None)
+  base_ms = statistics.median(base.wall) if base else None
+  for c in cases:
+    step_s = statistics.median(c.wall)
+    row = dict(
+        variant=c.name, compile_s=c.compile_s, step_ms=1e3 * step_s,
+        step_ms_min=1e3 * min(c.wall), cpu_ms=1e3 * statistics.median(c.cpu),
+        page_faults=statistics.median(c.faults),
+        tokens_per_s=c.tokens_per_step / step_s, flops_per_step=c.flops_per_step,
+        mfu=c.flops_per_step / step_s / peak if peak > 0 else float('nan'),
+        peak_bytes=c.peak_bytes, device_peak_bytes=device_peak_bytes(),
+        step_ratio=step_s / base_ms if base else float('nan'),
+        memory_ratio=c.peak_bytes / base.peak_bytes if base and min(c.peak_bytes, base.peak_bytes) > 0
+        else float('nan'),
+        loss=c.loss,
+        # within-round ratios: each round's step time over baseline's in that round
+        step_ratio_rounds=[w / b for w, b in zip(c.wall, base.wall)] if base else [],
+        step_ms_rounds=[1e3 * w for w in c.wall],
+    )
+    rows.append(row)
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  head = (f'{"variant":<12} {"compile s":>9} {"step ms":>8} {"min ms":>7} {"cpu ms":>7} {"faults":>7} '
+          f'{"tok/s":>8} {"MFU":>6} {"peak MiB":>9} {"step x":>7} {"mem x":>6}')
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    lines.append(
+        f'{r["variant"]:<12} {r["compile_s"]:9.2f} {r["step_ms"]:8.2f} '
+        f'{r["step_ms_min"]:7.2f} {r["cpu_ms"]:7.2f} {r["page_faults"]:7.0f} '
+        f'{r["tokens_per_s"]:8.0f} '
+        f'{r["mfu"]:6.1%} {r["peak_bytes"] / 2**20:9.2f} {r["step_ratio"]:7.3f} '
+        f'{r["memory_ratio"]:6.3f}')
+  return '\n'.join(lines)
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  info = dict(platform=dev.platform, device_kind=dev.device_kind,
+              device_count=jax.device_count(), cpu_count=os.cpu_count(),
+              processor=platform.processor() or platform.machine(),
+              jax=jax.__version__, python=platform.python_version(),
+              xla_flags=os.environ.get('XLA_FLAGS', ''), tuning=xla_flags.apply())
+  try:
+    with open('/proc/cpuinfo') as f:
+      info['cpu_model'] = next(l.split(':', 1)[1].strip() for l in f if 'model name' in l)
+  except (OSError, StopIteration):
+    pass
+  return info
+
+
+def loadavg() -> float:
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return float('nan')
+
+
+def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int,
+                  reference: bool = False) -> dict:
+  load_start = loadavg()
+  cases = [build_case(cfg, v, n_batches=min(steps, 16)) for v in variants]
+  if reference:
+    cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  if on_cpu:
+    probe = metrics.matmul_probe()
+    peak_source = 'cpu float32 matmul probe, same rounds'
+  else:
+    probe = None
+    peak, peak_source = metrics.device_peak_flops()
+    peak *= jax.device_count()
+  probe_flops = measure(cases, rounds, steps, warmup, probe)
+  if on_cpu:
+    peak = statistics.median(probe_flops)
+  rows = report(cases, peak, peak_source)
+  return dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      machine=machine(), load_avg_start=load_start, load_avg_end=loadavg(),
+      peak_flops=peak, peak_source=peak_source,
+      probe_flops_rounds=probe_flops, rounds=rounds, steps_per_round=steps, warmup=warmup,
+      batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+      model=cfg.model.to_dict(), results=rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  variants = [v for v in f.variants.split(',') if v]
+  bad = [v for v in variants if v not in VARIANTS]
+  if bad or not variants:
+    sys.exit(f'scalejax.cli.bench: error: unknown model.variant {bad[0]!r} in --variants; valid: '
+             f'{", ".join(VARIANTS)}' if bad else 'scalejax.cli.bench: error: --variants is empty')
+  out = run_benchmark(f.config, variants, f.rounds, f.steps, f.warmup, f.nanogpt_torch)
+  print(f'{out["machine"]["device_kind"]} x{out["machine"]["device_count"]}, '
+        f'load {out["load_avg_start"]:.1f}->{out["load_avg_end"]:.1f}, '
+        f'peak {out["peak_flops"] / 1e9:.1f} GFLOP/s ({out["peak_source"]})')
+  print(table(out['results']))
+  if f.json:
+    os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
+    with open(f.json, 'w') as fh:
+      json.dump(_plain(out), fh, indent=2)
+    print(f'wrote {f.json}')
+
+
+def _plain(v):
+  """JSON-safe copy: numpy scalars to Python, NaN/inf to null ("not measured")."""
+  if isinstance(v, dict):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  if isinstance(v, (np.generic, jax.Array)):
+    v = v.item()
+  if isinstance(v, float) and not np.isfinite(v):
+    return None
+  return v
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', 'configs/shakespeare_char.py',
+                                  'config file (configs/*.py)', lock_config=True)
+  flags.DEFINE_string('variants', 'baseline,unified', 'comma-separated model.variant names')
+  flags.DEFINE_integer('rounds', 7, 'timed rounds (the median is reported)')
+  flags.DEFINE_integer('steps', 10, 'steps per variant per round')
+  flags.DEFINE_integer('warmup', 3, 'untimed steps per variant after compilation')
+  flags.DEFINE_string('json', '', 'write the results here as JSON')
+  flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '
+                    'torch) in the same rounds, as an external reference')
+  app.run(main)

@@ -1,0 +1,78 @@
+"""Print a config's parameter counts.
+
+    python -m scalejax.cli.param_report --config configs/paper_dense_1b.py \
+        [--config.model.variant=unified ...]
+
+Total, embedding table, LM head, non-embedding, scale-vector params and their share,
+active params per token (MoE: the top-k routed experts) and training FLOPs per token.
+The analytic counts (counting.py) are checked against the model itself, built
+abstractly (`nnx.eval_shape`: no memory), so the two can never silently disagree.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from scalejax.train import config as config_lib
+from scalejax.core import roles
+from scalejax.model.counting import flops_per_token, param_counts
+from scalejax.model.decoder import build_model
+
+
+def built_counts(model_cfg) -> dict[str, int]:
+  """total and scale-vector params of the model as built (abstractly)."""
+  model = nnx.eval_shape(lambda: build_model(model_cfg))
+  sizes = [p.size for p in jax.tree.leaves(roles.params_of(model))]
+  role_list = jax.tree.leaves(roles.role_tree(model))
+  return dict(total=sum(sizes),
+              scale=sum(s for s, r in zip(sizes, role_list) if r in roles.SCALE_ROLES))
+
+
+def report(cfg) -> tuple[str, dict[str, int]]:
+  """(text, counts) for a training config; the vocabulary must be fixed in the config."""
+  if cfg.model.vocab_size == 0:
+    raise ValueError('model.vocab_size=0 takes the tokenizer\'s size; set '
+                     '--config.model.vocab_size to count params without building the data')
+  model_cfg = config_lib.model_config(cfg, cfg.model.vocab_size)
+  counts = param_counts(model_cfg)
+  built = built_counts(model_cfg)
+  if built != {k: counts[k] for k in built}:
+    raise AssertionError(f'counting.py disagrees with the built model: {counts} vs {built}')
+  share = lambda n: f'{100 * n / counts["total"]:.4f}%'
+  kind = (f'MoE, {model_cfg.moe_experts} experts, top-{model_cfg.moe_top_k}'
+          if model_cfg.mlp == 'moe' else 'dense')
+  rows = [
+      ('model', f'{kind}, variant {model_cfg.variant}, d_model {model_cfg.d_model}, '
+                f'{model_cfg.n_layers} layers, vocab {model_cfg.vocab_size}'),
+      ('total params', f'{counts["total"]:,}'),
+      ('embedding table', f'{counts["embedding"]:,}'),
+      ('LM head', f'{counts["head"]:,}' + (' (tied)' if model_cfg.tie_embeddings else '')),
+      ('non-embedding', f'{counts["non_embedding"]:,}  (total - embedding table)'),
+      ('scale vectors', f'{counts["scale"]:,}  ({share(counts["scale"])} of total)'),
+      ('norm biases', f'{counts["norm"] - counts["scale"]:,}'),
+      ('active / token', f'{counts["active"]:,}  ({share(counts["active"])} of total)'),
+      ('train FLOPs/token', f'{flops_per_token(model_cfg, cfg.train.seq_len):.4g}  '
+                            f'(seq_len {cfg.train.seq_len}; 6N + attention)'),
+  ]
+  return '\n'.join(f'{k:<18} {v}' for k, v in rows), counts
+
+
+def _cli():
+  from absl import app, flags
+  from ml_collections import config_flags
+  flags_ = flags.FLAGS
+  config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)',
+                                  lock_config=True)
+  flags.mark_flag_as_required('config')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    print(report(flags_.config)[0])
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _cli()

@@ -1,0 +1,1 @@
+"""Param metadata (roles, logical axes), the logical-axis sharding table, tree-path names."""

@@ -1,0 +1,127 @@
+"""A Llama-style decoder whose every norm is a scalejax `Norm`.
+
+Read top to bottom: config, block, decoder, loss. Layers are created stacked (one
+param per layer along a leading `layers` axis) and run with `jax.lax.scan`, so compile
+time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from scalejax.model import moe
+from scalejax.core import roles, sharding
+from scalejax.model.layers import Attention, Embed, Linear, MLP
+from scalejax.model.config import REMAT_POLICIES, ModelConfig
+from scalejax.scales.norms import Norm
+
+# model.mlp -> (module, names of the linear maps its pre-norm feeds: one HG branch each)
+MLP_MODULES = {'dense': (MLP, ('gate', 'up')), 'moe': (moe.MoE, moe.MoE.BRANCHES)}
+RESIDUAL = ('act_batch', 'act_seq', 'act_embed')
+
+
+class Block(nnx.Module):
+  """One transformer layer. Which norms exist depends on the placement:
+
+  pre:      x + Attn(N_in(x)),             then the same for the MLP
+  sandwich: x + N_out(Attn(N_in(x))),      then the same for the MLP
+  post:     N(x + Attn(x)),                then the same for the MLP
+  A post norm's output feeds the next sub-layer's linear maps: it is an input role.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    spec, d = cfg.norm_spec, cfg.d_model
+    self.placement = cfg.placement
+    self.attn_norm = Norm(spec, d, roles.INPUT_SCALE, branches=('q', 'k', 'v') if cfg.hg else ('scale',))
+    self.attn = Attention(cfg, rngs=rngs)
+    mlp_cls, self.mlp_branches = MLP_MODULES[cfg.mlp]
+    self.mlp_norm = Norm(spec, d, roles.INPUT_SCALE, branches=self.mlp_branches if cfg.hg else ('scale',))
+    self.mlp = mlp_cls(cfg, rngs=rngs)
+    sandwich = cfg.placement == 'sandwich'
+    self.attn_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
+    self.mlp_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
+
+  def __call__(self, x_BxLxD, positions_L):
+    """Returns (x, aux): aux holds the MoE router statistics ({} for a dense MLP)."""
+    k = len(self.mlp_branches)
+    if self.placement == 'post':
+      x = self.attn_norm(x_BxLxD + self.attn(x_BxLxD, x_BxLxD, x_BxLxD, positions_L))
+      m, aux = _with_aux(self.mlp(*_branches(x, k)))
+      return self.mlp_norm(x + m), aux
+    h = _feed(self.attn_norm, x_BxLxD, self.attn, 3)
+    a = self.attn(*h, positions_L)
+    x = x_BxLxD + (a if self.attn_out_norm is None else self.attn_out_norm(a))
+    m, aux = _with_aux(self.mlp(*_feed(self.mlp_norm, x, self.mlp, k)))
+    return x + (m if self.mlp_out_norm is None else self.mlp_out_norm(m)), aux
+
+
+def _branches(out, k):
+  return out if isinstance(out, tuple) else (out,) * k
+
+
+def _with_aux(out):
+  return out if isinstance(out, tuple) else (out, {})
+
+
+def _feed(norm, x, module, k):
+  """The norm's k branch inputs for `module`, as `norms.Scaled` when the module folds
+  scales into its kernels (`folds_scales`), else as arrays."""
+  return _branches(norm.scaled(x) if getattr(module, 'folds_scales', False) else norm(x), k)
+
+
+class Decoder(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=cfg.init_std)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    # Post-Norm's last block already ends in a (input-role) norm that feeds the head.
+    self.final_norm = (None if cfg.placement == 'post'
+                       else Norm(cfg.norm_spec, cfg.d_model, roles.INPUT_SCALE))
+    self.head = (None if cfg.tie_embeddings
+                 else Linear(cfg.d_model, cfg.vocab_size, ('embed', 'vocab'), rngs=rngs,
+                             std=cfg.init_std))
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    """Returns float32 logits [B, L, V]."""
+    return self.forward(tokens_BxL)[0]
+
+  def forward(self, tokens_BxL: jax.Array) -> tuple[jax.Array, dict]:
+    """Returns (float32 logits [B, L, V], MoE router statistics averaged over layers)."""
+    cfg = self.cfg
+    x = sharding.constrain(self.embed(tokens_BxL, cfg.compute_dtype), RESIDUAL)
+    positions_L = jnp.arange(tokens_BxL.shape[1])
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x, layer_params):
+      x, aux = nnx.merge(graphdef, layer_params)(x, positions_L)
+      return sharding.constrain(x, RESIDUAL), aux
+
+    if cfg.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x, aux_L = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    logits = sharding.constrain(logits.astype(jnp.float32), ('act_batch', 'act_seq', 'act_vocab'))
+    return logits, {k: jnp.mean(v) for k, v in aux_L.items()}
+
+  def aux_loss(self, aux: dict):
+    """Weighted MoE auxiliary losses to add to the cross-entropy (0 for dense models)."""
+    return moe.aux_loss(self.cfg, aux)
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
+  return Decoder(cfg, rngs=nnx.Rngs(params=seed))

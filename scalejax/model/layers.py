@@ -1,0 +1,134 @@
+"""Linear maps (with DP/DNP output scales), embedding, RoPE, attention, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scalejax.core import roles
+from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale
+from scalejax.core.roles import Param
+
+DUAL_MODES = ('none', 'dp', 'dnp')
+
+
+class Linear(nnx.Module):
+  """y = x @ W, optionally followed by an output-side scale (DP) or norm (DNP).
+
+  DP:  y = u * W(v * n)        (v is the preceding norm's scale, u an output scale)
+  DNP: y = u * Norm(W(v * n))  (an extra normalization, u its output-role scale)
+
+  `x` may be a `norms.Scaled` (n with v not yet applied): v is then folded into the
+  kernel, diag(v) W, which replaces an elementwise pass over [tokens, d_in]
+  activations (and, under HG, a saved copy per branch) by a multiply over the
+  [d_in, d_out] weights. u multiplies the output, which XLA fuses into the matmul's
+  consumer.
+  """
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
+               std: float = 0.02, dual: str = 'none', norm: NormSpec | None = None):
+    if dual not in DUAL_MODES:
+      raise ValueError(f'unknown dual placement {dual!r}; valid: {DUAL_MODES}')
+    w = std * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32)
+    self.kernel = Param(w, role=roles.MATRIX, axes=axes)
+    self.dual = dual
+    post = {'dp': lambda: make_scale(norm, d_out, roles.OUTPUT_SCALE),
+            'dnp': lambda: Norm(norm, d_out, roles.OUTPUT_SCALE)}.get(dual)
+    self.post = post() if post else None
+
+  def __call__(self, x: jax.Array | Scaled) -> jax.Array:
+    return self.finish(self.project(x))
+
+  def project(self, x: jax.Array | Scaled) -> jax.Array:
+    """x @ W, with a `Scaled` input's scale folded into W."""
+    w = self.kernel[...]
+    if isinstance(x, Scaled):
+      x, v = x.n, x.gamma
+      w = w if v is None else v[:, None] * w
+    return jnp.dot(x, w.astype(x.dtype))
+
+  def finish(self, y: jax.Array) -> jax.Array:
+    """The output side: DP's scale or DNP's norm (identity without one)."""
+    if self.dual == 'dp':
+      u = self.post()
+      return y if u is None else (y * u).astype(y.dtype)
+    if self.dual == 'dnp':
+      return self.post(y)
+    return y
+
+
+class Embed(nnx.Module):
+  def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, std: float = 0.02):
+    table = std * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)
+    self.table = Param(table, role=roles.EMBEDDING, axes=('vocab', 'embed'))
+
+  def __call__(self, tokens_BxL: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.table[...], tokens_BxL, axis=0).astype(dtype)
+
+  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Tied LM head: logits against the embedding table."""
+    return jnp.dot(x_BxLxD, self.table[...].astype(x_BxLxD.dtype).T)
+
+
+def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float) -> jax.Array:
+  h = x_BxLxNxH.shape[-1]
+  freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_LxH2 = positions_L[:, None].astype(jnp.float32) * freq_H2[None, :]
+  sin = jnp.sin(angle_LxH2)[None, :, None, :]
+  cos = jnp.cos(angle_LxH2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head / grouped-query attention with RoPE and optional QK-norm."""
+  folds_scales = True  # xq, xk, xv may be `norms.Scaled`: only Linear maps read them
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
+    self.n_heads, self.n_kv, self.h, self.theta = n, k, h, cfg.rope_theta
+    self.impl = cfg.attention_impl or None
+    dual = lambda name: cfg.dual if name in cfg.dual_targets else 'none'
+    spec = cfg.norm_spec
+    self.q = Linear(d, n * h, ('embed', 'heads'), rngs=rngs, dual=dual('q'), norm=spec)
+    self.k = Linear(d, k * h, ('embed', 'kv_heads'), rngs=rngs, dual=dual('k'), norm=spec)
+    self.v = Linear(d, k * h, ('embed', 'kv_heads'), rngs=rngs, dual=dual('v'), norm=spec)
+    self.o = Linear(n * h, d, ('heads', 'embed'), rngs=rngs, std=cfg.out_std)
+    self.q_norm = Norm(spec, h, roles.OUTPUT_SCALE) if cfg.qk_norm else None
+    self.k_norm = Norm(spec, h, roles.OUTPUT_SCALE) if cfg.qk_norm else None
+
+  def __call__(self, xq, xk, xv, positions_L):
+    b, l, _ = xq.shape
+    q = self.q(xq).reshape(b, l, self.n_heads, self.h)
+    k = self.k(xk).reshape(b, l, self.n_kv, self.h)
+    v = self.v(xv).reshape(b, l, self.n_kv, self.h)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope(q, positions_L, self.theta), rope(k, positions_L, self.theta)
+    out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+    return self.o(out_BxLxNxH.reshape(b, l, self.n_heads * self.h))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x_g)) * up(x_u)); x_g and x_u differ only under HG."""
+  folds_scales = True  # xg, xu may be `norms.Scaled`: only Linear maps read them
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, f, spec = cfg.d_model, cfg.resolved_d_ff, cfg.norm_spec
+    dual = lambda name: cfg.dual if name in cfg.dual_targets else 'none'
+    self.gate = Linear(d, f, ('embed', 'mlp'), rngs=rngs, dual=dual('gate'), norm=spec)
+    self.up = Linear(d, f, ('embed', 'mlp'), rngs=rngs, dual=dual('up'), norm=spec)
+    self.down = Linear(f, d, ('mlp', 'embed'), rngs=rngs, std=cfg.out_std)
+
+  def __call__(self, xg, xu):
+    g, u = self.gate.project(xg), self.up.project(xu)
+    # Recomputing the gating (with DP/DNP's output side) in the backward pass keeps
+    # 3 [tokens, d_ff] arrays for it instead of 6 (8 with DP/DNP): the elementwise
+    # recompute fuses into the backward's own pass over g and u.
+    return self.down(nnx.remat(_gated)(self.gate, self.up, g, u))
+
+
+def _gated(gate: Linear, up: Linear, g, u):
+  return jax.nn.silu(gate.finish(g)) * up.finish(u)

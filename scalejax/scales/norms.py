@@ -1,0 +1,233 @@
+"""Normalization with a pluggable scale vector.
+
+`Norm` = deterministic statistics (RMS or LayerNorm, reduced in float32) times one or
+more learnable scale vectors. The scale's parameterization is chosen by name from
+`SCALE_FORMS`; adding a form means adding one class and one registry entry here.
+Every form equals the plain vector gamma = 1 at initialization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scalejax.core import roles
+from scalejax.core.roles import Param
+
+
+# --- statistics -------------------------------------------------------------------
+
+def rms_stats(x32: jax.Array, eps: float) -> jax.Array:
+  return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
+def layer_stats(x32: jax.Array, eps: float) -> jax.Array:
+  centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_scale(x: jax.Array, gamma: jax.Array, eps: float) -> jax.Array:
+  """`rms_stats(x) * gamma` in x's dtype, keeping only x and 1/rms for the backward.
+
+  Autodiff of the composition would also save the normalized activations (for
+  d(gamma)): one more [tokens, d] tensor per norm. The backward recomputes them
+  instead, an elementwise pass that XLA fuses into the gradient's own.
+  """
+  return _rms_scale_fwd(x, gamma, eps)[0]
+
+
+def _rms_scale_fwd(x, gamma, eps):
+  x32 = x.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (x32 * r * gamma).astype(x.dtype), (x, r, gamma)
+
+
+def _rms_scale_bwd(eps, res, g):
+  del eps
+  x, r, gamma = res
+  n = x.astype(jnp.float32) * r
+  g32 = g.astype(jnp.float32)
+  d_gamma = jnp.sum(g32 * n, axis=tuple(range(n.ndim - 1)))
+  dn = g32 * gamma
+  dx = r * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), d_gamma.astype(gamma.dtype)
+
+
+rms_scale.defvjp(_rms_scale_fwd, _rms_scale_bwd)
+
+
+STATISTICS: dict[str, Callable[[jax.Array, float], jax.Array]] = {
+    'rms': rms_stats,
+    'layer': layer_stats,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+  """How every norm of a model is built (one spec per model)."""
+  kind: str = 'rms'          # key of STATISTICS
+  eps: float = 1e-6
+  bias: bool = False         # LayerNorm-style additive bias (role `other`)
+  scale: str = 'vector'      # key of SCALE_FORMS
+  storage: str = 'direct'    # 'direct': store gamma; 'delta': store gamma - init (decay pulls to init)
+
+  def __post_init__(self):
+    _check_choice('norm kind', self.kind, STATISTICS)
+    _check_choice('scale form', self.scale, SCALE_FORMS)
+    _check_choice('scale storage', self.storage, ('direct', 'delta'))
+
+
+def _check_choice(what, value, valid):
+  if value not in valid:
+    raise ValueError(f'unknown {what} {value!r}; valid: {sorted(valid)}')
+
+
+# --- scale forms ------------------------------------------------------------------
+
+class _Form(nnx.Module):
+  """Base of scale forms: `__call__()` returns gamma (float32, shape [dim]) or None."""
+
+  def __init__(self, dim: int, role: str, storage: str):
+    self.dim, self.role, self.storage = dim, role, storage
+
+  def _param(self, init: float, shape: tuple[int, ...], axes) -> Param:
+    stored = 0.0 if self.storage == 'delta' else init
+    return Param(jnp.full(shape, stored, jnp.float32), role=self.role, axes=axes)
+
+  def _read(self, p: Param, init: float) -> jax.Array:
+    return p[...] + init if self.storage == 'delta' else p[...]
+
+
+class NoScale(_Form):
+  def __call__(self):
+    return None
+
+
+class VectorScale(_Form):
+  """gamma stored as a vector (init 1)."""
+
+  def __init__(self, dim, role, storage):
+    super().__init__(dim, role, storage)
+    self.gamma = self._param(1.0, (dim,), ('norm',))
+
+  def __call__(self):
+    return self._read(self.gamma, 1.0)
+
+
+class MagDirScale(_Form):
+  """gamma = beta * alpha: scalar magnitude beta (init 1), direction alpha (init 1)."""
+
+  def __init__(self, dim, role, storage):
+    super().__init__(dim, role, storage)
+    self.beta = self._param(1.0, (), ())
+    self.alpha = self._param(1.0, (dim,), ('norm',))
+
+  def __call__(self):
+    return self._read(self.beta, 1.0) * self._read(self.alpha, 1.0)
+
+
+class MagDirUnitScale(MagDirScale):
+  """gamma = beta * sqrt(d) * alpha / ||alpha||: alpha only sets a direction."""
+
+  def __call__(self):
+    alpha = self._read(self.alpha, 1.0)
+    unit = alpha * jax.lax.rsqrt(jnp.sum(jnp.square(alpha)) + 1e-12)
+    return self._read(self.beta, 1.0) * math.sqrt(self.dim) * unit
+
+
+SCALE_FORMS: dict[str, type[_Form]] = {
+    'none': NoScale,
+    'vector': VectorScale,
+    'magdir': MagDirScale,
+    'magdir_unit': MagDirUnitScale,
+}
+
+
+def make_scale(spec: NormSpec, dim: int, role: str) -> _Form:
+  return SCALE_FORMS[spec.scale](dim, role, spec.storage)
+
+
+# --- the norm module --------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Scaled:
+  """`n * gamma` left unmultiplied, for a linear map to fold gamma into its kernel.
+
+  W(gamma * n) = (diag(gamma) W) n: folding costs a [d_in, d_out] multiply per step
+  instead of a pass over the activations, gamma's gradient comes from the kernel's
+  gradient instead of a reduction over tokens, and HG's branches share one saved
+  activation `n` for the backward pass. Same function, different rounding order.
+  """
+  n: jax.Array                  # normalized activations, in the compute dtype
+  gamma: jax.Array | None       # float32 [d]; None for the `none` form
+
+  @property
+  def shape(self):
+    return self.n.shape
+
+  @property
+  def dtype(self):
+    return self.n.dtype
+
+  def value(self) -> jax.Array:
+    """The product itself, as `Norm.__call__` returns it."""
+    if self.gamma is None:
+      return self.n
+    return (self.n.astype(jnp.float32) * self.gamma).astype(self.n.dtype)
+
+
+class Norm(nnx.Module):
+  """Statistics computed once, then one scale vector per named branch (HG when > 1).
+
+  `__call__(x)` returns one array for a single branch and a tuple (in branch order)
+  otherwise, each in x's dtype. Statistics are reduced in float32 so bfloat16
+  activations with a large magnitude do not overflow the mean of squares. A single
+  branch is stored as `scale` (path `.../scale/gamma`); HG branches by their names
+  (`.../q/gamma`, `.../k/gamma`, ...).
+  """
+
+  def __init__(self, spec: NormSpec, dim: int, role: str, branches: tuple[str, ...] = ('scale',)):
+    if role not in roles.SCALE_ROLES:
+      raise ValueError(f'a norm scale has role input_scale or output_scale, got {role!r}')
+    self.spec, self.dim, self.branches = spec, dim, tuple(branches)
+    for name in self.branches:
+      setattr(self, name, make_scale(spec, dim, role))
+      if spec.bias:
+        bias = Param(jnp.zeros((dim,), jnp.float32), role=roles.OTHER, axes=('norm',))
+        setattr(self, f'{name}_bias', bias)
+
+  def __call__(self, x: jax.Array):
+    if self.spec.kind == 'rms' and not self.spec.bias and len(self.branches) == 1:
+      gamma = self.gammas()[0]
+      if gamma is not None:
+        return rms_scale(x, gamma, self.spec.eps)
+    n = STATISTICS[self.spec.kind](x.astype(jnp.float32), self.spec.eps)
+    outs = []
+    for name, gamma in zip(self.branches, self.gammas()):
+      y = n if gamma is None else n * gamma
+      if self.spec.bias:
+        y = y + getattr(self, f'{name}_bias')[...]
+      outs.append(y.astype(x.dtype))
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+  def scaled(self, x: jax.Array):
+    """`__call__` with each branch as `Scaled` (unmultiplied) for linear maps to fold.
+
+    With a bias the output is not a pure product, so it is returned computed.
+    """
+    if self.spec.bias:
+      return self(x)
+    n = STATISTICS[self.spec.kind](x.astype(jnp.float32), self.spec.eps).astype(x.dtype)
+    outs = tuple(Scaled(n, gamma) for gamma in self.gammas())
+    return outs[0] if len(outs) == 1 else outs
+
+  def gammas(self) -> list[jax.Array | None]:
+    """Effective scale vector of each branch (None for the `none` form)."""
+    return [getattr(self, name)() for name in self.branches]

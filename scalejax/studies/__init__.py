@@ -1,0 +1,1 @@
+"""Study commands (ablation, quantization, inspection) and the helpers they share."""

@@ -1,0 +1,486 @@
+"""The ablation harness: a named suite of variants over seeds, optimizers and schedules.
+
+    python -m scalejax.studies.ablation --config configs/shakespeare_char.py --suite paper \
+        --seeds 0,1,2 --optimizers adamw,muon --schedules cosine,wsd \
+        --out runs/study_shakespeare [--parallel 2] [--set train.steps=500 ...]
+
+Each trial is its own `train.py` process writing into OUT/trials/<id>/. Rerunning the
+same command resumes the suite: finished trials are not rerun, an unfinished one resumes
+from its newest checkpoint, and a crashed trial is retried once (then reported as
+failed). Trials whose resolved configs are identical are run once and shared: e.g.
+`decay_none` and `baseline` (whose default scale decay is already 'none'), or
+`decay_iwd` and `decay_all` on a plain Pre-Norm model, whose scales are all Input-Norms. After the runs,
+OUT/results.md, OUT/summary.json and OUT/*.png hold the aggregate:
+
+  * per variant: mean and sample std (ddof=1) over seeds of the final eval loss;
+  * the paired difference to `baseline` of the same (optimizer, schedule, lr, placement)
+    group, seed by seed (same seed = same data order and, where shapes match, the same
+    init), with its 95% confidence interval from Student's t on n-1 degrees of freedom;
+    a difference is marked as beyond seed noise when that interval excludes 0
+    (a two-sided paired t-test at 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import importlib.util
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from scalejax.scales import variants as variants_lib
+
+BASELINE = 'baseline'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- suites ---------------------------------------------------------------------
+
+def _v(name):
+  return {'model.variant': name}
+
+
+# The paper's ablation: every variant is a set of config overrides on the same run.
+PAPER = {
+    'baseline': {},
+    'no_scale': _v('no_scale'),
+    'decay_all': {'optimizer.norm_decay': 'all'},
+    'decay_none': {'optimizer.norm_decay': 'none'},
+    'decay_iwd': {'optimizer.norm_decay': 'iwd'},
+    'hg': _v('hg'),
+    'dp': _v('dp'),
+    'dnp': _v('dnp'),
+    'magdir': _v('magdir'),
+    'magdir_unit': _v('magdir_unit'),
+    'unified': _v('unified'),
+    'unified_nohg': _v('unified_nohg'),
+}
+
+
+def _with_post(suite: dict) -> dict:
+  """Adds `NAME@post` (model.placement=post) for every variant valid with Post-Norm."""
+  out = dict(suite)
+  for name, over in suite.items():
+    if not variants_lib.get_variant(over.get('model.variant', 'baseline')).hg:
+      out[f'{name}@post'] = {**over, 'model.placement': 'post'}
+  return out
+
+
+# In a plain Pre-Norm decoder every scale feeds a linear map (all are Input-Norms), so
+# the policies `all` and `iwd` coincide there. `@qk` repeats the decay policies on a
+# model with QK-norm, whose scales are Output-Norms, as in the Gemma runs of the paper.
+DECAY_QK = {f'{name}@qk': {**PAPER[name], 'model.qk_norm': True}
+            for name in ('baseline', 'decay_all', 'decay_none', 'decay_iwd')}
+
+SUITES: dict[str, dict] = {
+    'paper': PAPER,
+    'paper_post': {**_with_post(PAPER), **DECAY_QK},  # + Post-Norm and QK-norm counterparts
+    'core': {k: PAPER[k] for k in ('baseline', 'no_scale', 'decay_iwd', 'unified')},
+    'tiny': {k: PAPER[k] for k in ('baseline', 'no_scale')},
+}
+
+
+# --- trials -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  variant: str
+  seed: int
+  optimizer: str
+  schedule: str
+  lr: float | None          # None: the config's
+  overrides: tuple           # ((key, value), ...) passed to train.py as --config.KEY=VALUE
+
+  @property
+  def placement(self) -> str:
+    return dict(self.overrides).get('model.placement', 'pre')
+
+  @property
+  def group(self) -> str:
+    """Trials compared with each other: same optimizer, schedule, lr and placement."""
+    lr = '' if self.lr is None else f'-lr{self.lr:g}'
+    post = '' if self.placement == 'pre' else f'@{self.placement}'
+    return f'{self.optimizer}-{self.schedule}{lr}{post}'
+
+  @property
+  def baseline_variant(self) -> str:
+    return BASELINE if self.placement == 'pre' else f'{BASELINE}@{self.placement}'
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_sets(items) -> dict:
+  out = {}
+  for item in items or ():
+    if '=' not in item:
+      raise ValueError(f'--set {item!r} is not KEY=VALUE (e.g. --set train.steps=300)')
+    k, v = item.split('=', 1)
+    out[k.removeprefix('config.')] = _parse_value(v)
+  return out
+
+
+def make_trials(suite: dict, variants, seeds, optimizers, schedules, lrs, sets: dict):
+  unknown = [v for v in variants if v not in suite]
+  if unknown:
+    raise ValueError(f'unknown variants {unknown} for this suite; valid: {", ".join(suite)}')
+  trials = []
+  for opt, sched, lr, name, seed in itertools.product(optimizers, schedules, lrs, variants,
+                                                       seeds):
+    over = {**sets, **suite[name], 'seed': seed, 'optimizer.name': opt,
+            'optimizer.schedule': sched}
+    if lr is not None:
+      over['optimizer.lr'] = lr
+    trials.append(Trial(name, seed, opt, sched, lr, tuple(sorted(over.items()))))
+  return trials
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location('study_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def resolved_key(base_cfg, trial: Trial) -> str:
+  """Canonical JSON of the trial's full config; equal keys are the same run."""
+  cfg = base_cfg.copy_and_resolve_references()
+  cfg.unlock()
+  for k, v in trial.overrides:
+    node = cfg
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  # The decay policy matters only through the rates of the roles the model has: in a
+  # plain Pre-Norm model (no Output-Norm scales) 'iwd' and 'all' are the same run.
+  from scalejax.train import optim
+  present = _roles_present(json.dumps(cfg.model.to_dict(), sort_keys=True, default=list))
+  rates = optim.role_rates(cfg.optimizer,
+                           variants_lib.get_variant(cfg.model.variant).norm_decay)
+  cfg.optimizer.norm_decay = json.dumps({r: rates[r] for r in sorted(present)})
+  return json.dumps(cfg.to_dict(), sort_keys=True, default=list)
+
+
+@functools.lru_cache(maxsize=None)
+def _roles_present(model_json: str) -> frozenset:
+  import jax
+  from flax import nnx
+  from scalejax.core import roles
+  from scalejax.model.config import ModelConfig
+  from scalejax.model.decoder import build_model
+  fields = json.loads(model_json)
+  fields['vocab_size'] = fields['vocab_size'] or 8  # roles do not depend on the vocabulary
+  model_cfg = ModelConfig(**fields)
+  abstract = nnx.eval_shape(lambda: build_model(model_cfg, 0))
+  return frozenset(jax.tree.leaves(roles.role_tree(abstract)))
+
+
+def run_dir_name(trial: Trial) -> str:
+  lr = '' if trial.lr is None else f'-lr{trial.lr:g}'
+  return f'{trial.variant}-{trial.optimizer}-{trial.schedule}{lr}-s{trial.seed}'
+
+
+def _cli_value(v) -> str:
+  return str(v) if not isinstance(v, (tuple, list)) else ','.join(map(str, v))
+
+
+def train_command(config_path: str, workdir: str, trial: Trial) -> list[str]:
+  cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={config_path}',
+         f'--workdir={workdir}']
+  cmd += [f'--config.{k}={_cli_value(v)}' for k, v in trial.overrides]
+  return cmd
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def run_trial(config_path: str, workdir: str, trial: Trial, max_attempts: int = 2) -> dict:
+  """Runs one trial to completion (resuming if it was interrupted); returns its result.
+
+  The result file is written last, so its presence means "finished". Attempts are
+  counted on disk, so a crash is retried once across harness invocations too.
+  """
+  result_path = os.path.join(workdir, 'result.json')
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  os.makedirs(workdir, exist_ok=True)
+  attempts_path = os.path.join(workdir, 'attempts')
+  attempts = int(open(attempts_path).read()) if os.path.exists(attempts_path) else 0
+  cmd = train_command(config_path, workdir, trial)
+  while attempts < max_attempts:
+    attempts += 1
+    with open(attempts_path, 'w') as f:
+      f.write(str(attempts))
+    start = time.time()
+    with open(os.path.join(workdir, f'log{attempts}.txt'), 'w') as log:
+      rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    wall = time.time() - start
+    evals = [r for r in read_metrics(workdir) if 'eval_loss' in r]
+    if rc == 0 and evals:
+      tps = [r['tokens_per_sec'] for r in read_metrics(workdir)
+             if r.get('tokens_per_sec') is not None]
+      result = {'final_eval_loss': evals[-1]['eval_loss'], 'final_step': evals[-1]['step'],
+                'wall_s': wall, 'attempts': attempts,
+                'tokens_per_sec': float(np.median(tps)) if tps else None,
+                'command': ' '.join(cmd)}
+      with open(result_path, 'w') as f:
+        json.dump(result, f, indent=1)
+      return result
+  return {'failed': True, 'attempts': attempts, 'command': ' '.join(cmd)}
+
+
+# --- aggregation ------------------------------------------------------------------
+
+def t_critical(dof: int, level: float = 0.95) -> float:
+  from scipy import stats  # jax's own dependency
+  return float(stats.t.ppf(0.5 + level / 2, dof))
+
+
+def paired_difference(x, base) -> dict:
+  """Mean of x - base over paired seeds, its 95% CI and whether it excludes 0."""
+  d = np.asarray(x, float) - np.asarray(base, float)
+  n = len(d)
+  out = {'n': n, 'diff': float(d.mean()) if n else math.nan}
+  if n < 2:
+    return {**out, 'sd': math.nan, 'ci': math.nan, 't': math.nan, 'beyond_noise': False}
+  sd = float(d.std(ddof=1))
+  se = sd / math.sqrt(n)
+  ci = t_critical(n - 1) * se
+  t = out['diff'] / se if se > 0 else (math.inf if out['diff'] else 0.0) * np.sign(out['diff'])
+  return {**out, 'sd': sd, 'ci': ci, 't': float(t), 'beyond_noise': bool(abs(out['diff']) > ci)}
+
+
+def aggregate(results: dict) -> dict:
+  """results: {group: {variant: {seed: {'final_eval_loss', 'tokens_per_sec', ...}}}}."""
+  summary = {}
+  for group, by_variant in results.items():
+    rows = {}
+    for variant, by_seed in by_variant.items():
+      base_variant = (BASELINE if '@' not in variant else f'{BASELINE}@{variant.split("@")[1]}')
+      losses = {s: r['final_eval_loss'] for s, r in by_seed.items()}
+      vals = np.array(list(losses.values()), float)
+      row = {'n': len(vals), 'mean': float(vals.mean()) if len(vals) else math.nan,
+             'std': float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
+             'losses': losses}
+      speeds = [r['tokens_per_sec'] for r in by_seed.values() if r.get('tokens_per_sec')]
+      row['tokens_per_sec'] = float(np.mean(speeds)) if speeds else math.nan
+      base = by_variant.get(base_variant)
+      if base is not None and variant != base_variant:
+        seeds = sorted(set(losses) & set(base))
+        row['vs'] = base_variant
+        row.update(paired_difference([losses[s] for s in seeds],
+                                     [base[s]['final_eval_loss'] for s in seeds]))
+        base_speeds = [r['tokens_per_sec'] for r in base.values() if r.get('tokens_per_sec')]
+        if speeds and base_speeds:
+          row['slowdown'] = float(np.mean(base_speeds) / np.mean(speeds))
+      rows[variant] = row
+    summary[group] = rows
+  return summary
+
+
+def _fmt(x, spec='.4f'):
+  return '—' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown_table(summary: dict) -> str:
+  lines = []
+  for group, rows in summary.items():
+    lines += [f'### {group}', '',
+              '| variant | seeds | final eval loss (mean ± std) | Δ vs baseline (paired) '
+              '| 95% CI | beyond seed noise | time vs baseline |',
+              '|---|---|---|---|---|---|---|']
+    for variant, r in rows.items():
+      if 'vs' in r:
+        diff = f'{r["diff"]:+.4f}'
+        ci = f'±{_fmt(r["ci"])}'
+        mark = 'yes' if r['beyond_noise'] else 'no'
+        slow = f'{r["slowdown"]:.2f}x' if 'slowdown' in r else '—'
+      else:
+        diff, ci, mark, slow = '(reference)', '', '', '1.00x'
+      lines.append(f'| {variant} | {r["n"]} | {_fmt(r["mean"])} ± {_fmt(r["std"])} | {diff} '
+                   f'| {ci} | {mark} | {slow} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plot(summary: dict, curves: dict, out: str) -> list[str]:
+  """Per group: eval-loss curves (mean over seeds) and a bar chart of paired differences."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  paths = []
+  for group, rows in summary.items():
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    for variant in rows:
+      by_seed = curves.get(group, {}).get(variant, {})
+      if not by_seed:
+        continue
+      steps = sorted(set.intersection(*(set(c) for c in by_seed.values())))
+      mean = [np.mean([c[s] for c in by_seed.values()]) for s in steps]
+      ax.plot(steps, mean, marker='.', label=variant,
+              linestyle='--' if '@' in variant else '-')
+    ax.set(xlabel='step', ylabel='eval loss (mean over seeds)', title=f'eval loss: {group}')
+    ax.legend(fontsize=7, ncol=2)
+    lo = min((r['mean'] for r in rows.values() if not math.isnan(r['mean'])), default=None)
+    if lo is not None:  # the end of training is where variants differ; zoom on it
+      hi = max(r['mean'] for r in rows.values() if not math.isnan(r['mean']))
+      ax.set_ylim(lo - 0.1, hi + 0.6)
+    fig.tight_layout()
+    paths.append(os.path.join(out, f'curves_{group}.png'))
+    fig.savefig(paths[-1])
+    plt.close(fig)
+
+    diffs = [(v, r) for v, r in rows.items() if 'vs' in r]
+    if not diffs:
+      continue
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(diffs) + 1.4), dpi=90)
+    names = [v for v, _ in diffs]
+    vals = [r['diff'] for _, r in diffs]
+    errs = [0.0 if math.isnan(r['ci']) else r['ci'] for _, r in diffs]
+    colors = ['tab:red' if r['beyond_noise'] and r['diff'] > 0 else
+              'tab:green' if r['beyond_noise'] else 'tab:gray' for _, r in diffs]
+    ax.barh(names, vals, xerr=errs, color=colors, capsize=3)
+    ax.axvline(0, color='k', lw=0.8)
+    ax.invert_yaxis()
+    ax.set(xlabel='final eval loss − baseline (paired over seeds; bars: 95% CI)',
+           title=f'difference to baseline: {group}')
+    fig.tight_layout()
+    paths.append(os.path.join(out, f'diffs_{group}.png'))
+    fig.savefig(paths[-1])
+    plt.close(fig)
+  return paths
+
+
+def collect(trials, dirs: dict, out: str):
+  """Results and eval curves per group / variant / seed from the trial folders."""
+  results, curves, failed = {}, {}, []
+  for t in trials:
+    wd = dirs[t]
+    path = os.path.join(wd, 'result.json')
+    if not os.path.exists(path):
+      failed.append(run_dir_name(t))
+      continue
+    with open(path) as f:
+      r = json.load(f)
+    results.setdefault(t.group, {}).setdefault(t.variant, {})[t.seed] = r
+    curve = {m['step']: m['eval_loss'] for m in read_metrics(wd) if 'eval_loss' in m}
+    curves.setdefault(t.group, {}).setdefault(t.variant, {})[t.seed] = curve
+  return results, curves, failed
+
+
+def report(trials, dirs, out: str, header: str = '') -> dict:
+  results, curves, failed = collect(trials, dirs, out)
+  summary = aggregate(results)
+  table = markdown_table(summary)
+  pngs = plot(summary, curves, out)
+  notes = ['Final eval loss per variant; Δ is the mean over seeds of (variant − baseline) '
+           'for the same seed; 95% CI from Student\'s t with n−1 dof; "beyond seed noise" '
+           '= the CI excludes 0 (two-sided paired t-test, 5%). Time vs baseline = baseline '
+           'tokens/s ÷ variant tokens/s.']
+  if failed:
+    notes.append(f'Missing or failed trials ({len(failed)}): {", ".join(failed)}')
+  with open(os.path.join(out, 'results.md'), 'w') as f:
+    f.write('\n\n'.join([header, *notes, table]) if header else '\n\n'.join([*notes, table]))
+  with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump({'summary': summary, 'failed': failed, 'plots': pngs}, f, indent=1,
+              default=str)
+  return {'summary': summary, 'table': table, 'plots': pngs, 'failed': failed}
+
+
+# --- command line -----------------------------------------------------------------
+
+def _csv(cast):
+  return lambda s: [cast(x) for x in s.split(',') if x]
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog='python -m scalejax.studies.ablation', description=__doc__.split('\n')[0])
+  p.add_argument('--config', required=True, help='config file, e.g. configs/shakespeare_char.py')
+  p.add_argument('--out', required=True, help='output folder (resumable)')
+  p.add_argument('--suite', default='paper', choices=sorted(SUITES))
+  p.add_argument('--variants', type=_csv(str), default=None,
+                 help='comma list, a subset of the suite (default: all of it)')
+  p.add_argument('--seeds', type=_csv(int), default=[0, 1, 2])
+  p.add_argument('--optimizers', type=_csv(str), default=['adamw'])
+  p.add_argument('--schedules', type=_csv(str), default=['cosine'])
+  p.add_argument('--lrs', type=_csv(float), default=[None],
+                 help='comma list of learning rates (default: the config\'s)')
+  p.add_argument('--parallel', type=int, default=1, help='trials run at once')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='config override for every trial, e.g. --set train.steps=300')
+  p.add_argument('--aggregate_only', action='store_true', help='only rebuild the report')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  from scalejax.train import optim
+  for name, valid in ((args.optimizers, optim.OPTIMIZERS), (args.schedules, optim.SCHEDULES)):
+    bad = [n for n in name if n not in valid]
+    if bad:
+      raise SystemExit(f'unknown {bad}; valid: {", ".join(valid)}')
+  suite = SUITES[args.suite]
+  variants = args.variants or list(suite)
+  if BASELINE not in variants:
+    variants = [BASELINE] + variants  # every difference needs its reference
+  for tag in sorted({v.split('@')[1] for v in variants if '@' in v}):
+    if f'{BASELINE}@{tag}' not in variants:  # e.g. X@post compares with baseline@post
+      variants.append(f'{BASELINE}@{tag}')
+  config_path = os.path.abspath(args.config)
+  trials = make_trials(suite, variants, args.seeds, args.optimizers, args.schedules, args.lrs,
+                       parse_sets(args.set))
+  base_cfg = load_config(config_path)
+  trial_root = os.path.join(args.out, 'trials')
+  first_dir, dirs = {}, {}
+  for t in trials:  # identical resolved configs share one run folder
+    key = resolved_key(base_cfg, t)
+    dirs[t] = first_dir.setdefault(key, os.path.join(trial_root, run_dir_name(t)))
+  unique = {}
+  for t in trials:
+    unique.setdefault(dirs[t], t)
+  os.makedirs(args.out, exist_ok=True)
+  if not args.aggregate_only:
+    todo = [(d, t) for d, t in unique.items() if not os.path.exists(os.path.join(d, 'result.json'))]
+    print(f'{len(trials)} trials, {len(unique)} distinct runs, {len(todo)} to run', flush=True)
+
+    def go(item):
+      d, t = item
+      r = run_trial(config_path, d, t)
+      state = 'FAILED' if r.get('failed') else f'eval_loss={r["final_eval_loss"]:.4f} ' \
+                                               f'({r["wall_s"]:.0f}s)'
+      print(f'{os.path.basename(d)}: {state}', flush=True)
+      return r
+
+    with ThreadPoolExecutor(max(args.parallel, 1)) as pool:
+      list(pool.map(go, todo))
+  header = (f'Suite `{args.suite}` on `{os.path.relpath(config_path, ROOT)}`; seeds '
+            f'{args.seeds}; overrides: {" ".join(args.set) or "none"}.')
+  rep = report(trials, dirs, args.out, header)
+  print(rep['table'])
+  return rep
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,108 @@
+"""Non-finite steps: `guard_step` (inside the jitted step) keeps params and optimizer
+state of a step whose loss, gradients or updates are not finite; `NonFiniteWatch` (on the
+host, one step late) counts them and stops after `train.max_bad_steps` in a row."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from scalejax.core.treepath import path_name
+
+log = logging.getLogger('scalejax')
+
+
+def counters() -> dict:
+  """The train-state entries guard_step keeps: bad steps in a row and in all."""
+  return {'bad_streak': jnp.zeros((), jnp.int32), 'bad_steps': jnp.zeros((), jnp.int32)}
+
+
+def bad_step_limit(train_cfg) -> int:
+  """Non-finite steps in a row that stop the run."""
+  return 1 if train_cfg.nan_policy == 'stop' else train_cfg.max_bad_steps
+
+
+def guard_step(state: dict, new: dict, loss, grads, updates, limit: int):
+  """(kept, metrics): `new` (params, opt_state) if the step is finite, else state's.
+
+  Runs inside the jitted step. The test is a few reductions and the select fuses into
+  the update, so good steps cost next to nothing; which gradients went bad is computed
+  under `lax.cond`, on bad steps only. Once `limit` bad steps in a row have happened
+  no update is applied at all, so the state stays the last good one while the host,
+  which reads the verdict a step late, stops the run. `kept` carries the counters.
+  """
+  finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
+  ok = finite & (state['bad_streak'] < limit)
+  kept = {k: jax.tree.map(lambda n, o: jnp.where(ok, n, o), v, state[k]) for k, v in new.items()}
+  kept['bad_streak'] = jnp.where(ok, 0, state['bad_streak'] + 1)
+  kept['bad_steps'] = state['bad_steps'] + (~finite).astype(jnp.int32)
+  bad_leaves = jax.lax.cond(
+      finite, lambda g: jax.tree.map(lambda x: jnp.zeros((), bool), g),
+      lambda g: jax.tree.map(lambda x: ~jnp.all(jnp.isfinite(x)), g), grads)
+  metrics = {'bad_streak': kept['bad_streak'], 'bad_steps': kept['bad_steps'],
+             'bad_leaves': bad_leaves}
+  return kept, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class NonFiniteWatch:
+  """Reads each step's verdict one step late, so the loop never waits on the device.
+
+  `push(step, metrics)` after dispatching a step returns a stop message once the
+  previous step ended a run of `limit` non-finite steps; `flush()` does the same for
+  the last step. Every skipped step is logged with the params whose gradients went bad.
+  """
+
+  def __init__(self, train_cfg):
+    self.policy, self.max_bad_steps = train_cfg.nan_policy, train_cfg.max_bad_steps
+    self.limit = bad_step_limit(train_cfg)
+    self._pending = None
+
+  def push(self, step: int, metrics: dict) -> str | None:
+    previous = self._pending
+    self._pending = (step, {k: metrics[k] for k in ('loss', 'bad_streak', 'bad_steps',
+                                                    'bad_leaves')})
+    return self._check(previous)
+
+  def flush(self) -> str | None:
+    previous, self._pending = self._pending, None
+    return self._check(previous)
+
+  def _check(self, pending) -> str | None:
+    if pending is None:
+      return None
+    step, m = pending
+    streak = int(m['bad_streak'])
+    if not streak:
+      return None
+    m = jax.device_get(m)
+    bad = [path_name(p) for p, flag in jax.tree_util.tree_leaves_with_path(m['bad_leaves']) if flag]
+    where = (f'non-finite gradients in {_names(bad)}' if bad
+             else 'gradients finite but the optimizer update was not')
+    what = f'step {step}: loss {float(m["loss"])}, {where}'
+    if streak < self.limit:
+      log.warning('%s; update skipped (%d in a row, %d in this run)', what,
+                  streak, int(m['bad_steps']))
+      return None
+    first = step - streak + 1
+    return (f'{what}; {streak} non-finite step(s) in a row (steps {first}-{step}; '
+            f'train.nan_policy={self.policy}, train.max_bad_steps={self.max_bad_steps}), '
+            f'so training stopped. Params and optimizer state are those after step '
+            f'{first - 1}, the last good one, and are saved; fix the cause (e.g. lower '
+            'optimizer.lr, raise optimizer.warmup_steps, check the data) and rerun to '
+            'resume (a changed config needs --config.train.allow_config_change=True)')
+
+
+def _names(names: list[str], show: int = 4) -> str:
+  more = len(names) - show
+  return ', '.join(names[:show]) + (f' and {more} more' if more > 0 else '')
+
+
+class NonFiniteError(RuntimeError):
+  """Training stopped after too many non-finite steps; the message says why."""

@@ -1,0 +1,148 @@
+"""Optimizers and learning-rate schedules, chosen by name from small registries.
+
+Every optimizer is built as Optax's canonical decomposition
+
+    clip -> direction (adam / lion / sgd / adafactor / muon) -> role weight decay
+         -> scale-vector LR multiplier -> -lr(step)
+
+so swapping optimizers never changes how weight decay treats each role.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import ml_collections
+import optax
+
+from scalejax.core import roles as R
+from scalejax.scales.weight_decay import decay_rates, role_weight_decay
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='adamw',           # key of OPTIMIZERS
+      lr=1e-3,
+      schedule='cosine',      # key of SCHEDULES
+      warmup_steps=100,
+      min_lr_ratio=0.1,       # final lr = lr * min_lr_ratio (cosine, linear, wsd)
+      decay_fraction=0.2,     # wsd: fraction of all train steps spent decaying
+      weight_decay=0.1,       # matrices (and embeddings unless embedding_decay >= 0)
+      embedding_decay=-1.0,   # < 0: same as weight_decay
+      norm_decay='variant',   # 'all' | 'none' | 'iwd' | 'variant' (the variant's default)
+      scale_decay=-1.0,       # rate for decayed scale roles; < 0: same as weight_decay
+      scale_lr_mult=1.0,      # LR multiplier for every scale-vector param (study knob)
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      momentum=0.9,           # sgd
+      muon_beta=0.95,
+      grad_clip=1.0,          # global-norm clip; 0 disables
+  ))
+
+
+# --- schedules --------------------------------------------------------------------
+
+# Each entry maps (config, n steps after warmup, total steps) to the post-warmup
+# schedule, which starts at c.lr; `make_schedule` puts the linear warmup 0 -> lr in front.
+
+def _wsd(c, n, total):
+  # The decay length is a fraction of the whole run (as in Hagele et al. 2024), taken
+  # out of the post-warmup steps; the stable phase holds the peak LR until then.
+  decay = min(max(int(round(total * c.decay_fraction)), 1), n)
+  stable = n - decay
+  return optax.join_schedules(
+      [optax.constant_schedule(c.lr),
+       optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, decay)], [stable])
+
+
+SCHEDULES: dict[str, Callable] = {
+    'cosine': lambda c, n, total: optax.cosine_decay_schedule(c.lr, n, alpha=c.min_lr_ratio),
+    'linear': lambda c, n, total: optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, n),
+    'constant': lambda c, n, total: optax.constant_schedule(c.lr),
+    'wsd': _wsd,
+    # lr / sqrt(1 + s / warmup): continuous at the end of warmup, no end point needed.
+    'rsqrt': lambda c, n, total: (
+        lambda s: c.lr * jax.lax.rsqrt(1.0 + s / max(c.warmup_steps, 1))),
+}
+
+
+def make_schedule(c, total_steps: int) -> optax.Schedule:
+  if c.schedule not in SCHEDULES:
+    raise ValueError(f'unknown optimizer.schedule {c.schedule!r}; valid: {", ".join(SCHEDULES)}')
+  warmup = min(c.warmup_steps, max(total_steps - 1, 0))
+  after = SCHEDULES[c.schedule](c, max(total_steps - warmup, 1), total_steps)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), after], [warmup])
+
+
+# --- optimizer directions ---------------------------------------------------------
+
+def muon_labels(roles, axes):
+  """'muon' for hidden matrices (role `matrix`, no `vocab` axis), else 'adam'."""
+  return jax.tree.map(lambda r, ax: 'muon' if r == R.MATRIX and 'vocab' not in ax else 'adam',
+                      roles, axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _muon(c, roles, axes):
+  """Muon on hidden matrices; scales, embeddings, the LM head and biases go to Adam.
+
+  The split comes from param metadata (role `matrix`, no `vocab` axis). Our linear
+  kernels keep (input, output) as their last two axes; leading ones (`layers`) are
+  batch axes for the orthogonalization. Muon's update is rescaled to Adam's RMS
+  (0.2 * sqrt(max(fan_in, fan_out)), as in Liu et al. 2025) so one LR serves both.
+  """
+  labels = muon_labels(roles, axes)
+
+  def dims(updates):
+    return jax.tree.map(
+        lambda u: optax.contrib.MuonDimensionNumbers(u.ndim - 2, u.ndim - 1), updates)
+
+  match_adam_rms = optax.stateless(lambda u, p: jax.tree.map(
+      lambda x: x * (0.2 * max(x.shape[-2:]) ** 0.5), u))
+  muon = optax.chain(
+      optax.contrib.scale_by_muon(beta=c.muon_beta, weight_dimension_numbers=dims),
+      match_adam_rms)
+  return optax.multi_transform({'muon': muon, 'adam': optax.scale_by_adam(c.b1, c.b2, c.eps)},
+                               labels)
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    'adamw': lambda c, roles, axes: optax.scale_by_adam(c.b1, c.b2, c.eps),
+    'lion': lambda c, roles, axes: optax.scale_by_lion(c.b1, c.b2),
+    'sgd': lambda c, roles, axes: optax.trace(decay=c.momentum),
+    'adafactor': lambda c, roles, axes: optax.scale_by_factored_rms(),
+    'muon': _muon,
+}
+
+
+def resolve_norm_decay(c, variant_default: str) -> str:
+  return variant_default if c.norm_decay == 'variant' else c.norm_decay
+
+
+def role_rates(c, variant_default: str) -> dict[str, float]:
+  return decay_rates(
+      resolve_norm_decay(c, variant_default), c.weight_decay,
+      embedding=None if c.embedding_decay < 0 else c.embedding_decay,
+      scale=None if c.scale_decay < 0 else c.scale_decay)
+
+
+def build_optimizer(c, roles, axes, total_steps: int, variant_default: str = 'none'):
+  """Returns (optax transformation, schedule, per-role decay rates)."""
+  if c.name not in OPTIMIZERS:
+    raise ValueError(f'unknown optimizer.name {c.name!r}; valid: {", ".join(OPTIMIZERS)}')
+  schedule = make_schedule(c, total_steps)
+  rates = role_rates(c, variant_default)
+  parts = []
+  if c.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(c.grad_clip))
+  parts.append(OPTIMIZERS[c.name](c, roles, axes))
+  if any(rates.values()):  # an all-zero policy has nothing to chain
+    parts.append(role_weight_decay(rates, roles))
+  if c.scale_lr_mult != 1.0:
+    is_scale = jax.tree.map(lambda r: r in R.SCALE_ROLES, roles)
+    parts.append(optax.masked(optax.scale(c.scale_lr_mult), is_scale))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts), schedule, rates
