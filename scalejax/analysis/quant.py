@@ -139,8 +139,8 @@ def fold_input_scales(model) -> tuple[dict, list[str]]:
   storage). Returns (params, names of input scales left in place): the final norm of a
   tied-embedding model feeds the table that is also the input embedding, so it stays.
   """
-  cfg = model.cfg
-  if cfg.norm_bias:
+  model_cfg = model.config
+  if model_cfg.norm_bias:
     raise ValueError('folding a norm with a bias is not supported (the bias would need '
                      'dividing by gamma); use model.norm_bias=False')
   # A copy holding jax arrays: restored params may be numpy arrays, which a Variable

@@ -107,7 +107,7 @@ def input_scale_consumers(model) -> list[Consumer]:
   Roles are the data: the input-role params of the model must be exactly those of the
   norms in FEEDS, so a new input norm without a FEEDS entry is an error, not a skip.
   """
-  if model.cfg.placement == 'post':
+  if model.config.placement == 'post':
     raise ValueError('input-scale consumers are defined for model.placement=pre or '
                      'sandwich; a Post-Norm scale also multiplies the residual stream')
   role_flat = _flat(R.role_tree(model))
@@ -218,7 +218,7 @@ def preconditioner_statistics(model) -> dict[str, dict[str, float]]:
   models, whose input-role scales also multiply the residual stream.
   """
   out = {}
-  if model.cfg.placement == 'post':
+  if model.config.placement == 'post':
     return out
   for name, (g2, upper) in preconditioner_bounds(model).items():
     layered = upper.ndim == 2

@@ -32,15 +32,15 @@ class Block(nnx.Module):
   A post norm's output feeds the next sub-layer's linear maps: it is an input role.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    spec, d = cfg.norm_spec, cfg.d_model
-    self.placement = cfg.placement
-    self.attn_norm = Norm(spec, d, roles.INPUT_SCALE, branches=('q', 'k', 'v') if cfg.hg else ('scale',))
-    self.attn = Attention(cfg, rngs=rngs)
-    mlp_cls, self.mlp_branches = MLP_MODULES[cfg.mlp]
-    self.mlp_norm = Norm(spec, d, roles.INPUT_SCALE, branches=self.mlp_branches if cfg.hg else ('scale',))
-    self.mlp = mlp_cls(cfg, rngs=rngs)
-    sandwich = cfg.placement == 'sandwich'
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    spec, d = config.norm_spec, config.d_model
+    self.placement = config.placement
+    self.attn_norm = Norm(spec, d, roles.INPUT_SCALE, branches=('q', 'k', 'v') if config.hg else ('scale',))
+    self.attn = Attention(config, rngs=rngs)
+    mlp_cls, self.mlp_branches = MLP_MODULES[config.mlp]
+    self.mlp_norm = Norm(spec, d, roles.INPUT_SCALE, branches=self.mlp_branches if config.hg else ('scale',))
+    self.mlp = mlp_cls(config, rngs=rngs)
+    sandwich = config.placement == 'sandwich'
     self.attn_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
     self.mlp_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
 
@@ -73,22 +73,22 @@ def _feed(norm, x, module, k):
 
 
 class Decoder(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=cfg.init_std)
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = Embed(config.vocab_size, config.d_model, rngs=rngs, std=config.init_std)
 
-    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.split_rngs(splits=config.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
     def make_blocks(rngs):
-      return Block(cfg, rngs=rngs)
+      return Block(config, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
     # Post-Norm's last block already ends in a (input-role) norm that feeds the head.
-    self.final_norm = (None if cfg.placement == 'post'
-                       else Norm(cfg.norm_spec, cfg.d_model, roles.INPUT_SCALE))
-    self.head = (None if cfg.tie_embeddings
-                 else Linear(cfg.d_model, cfg.vocab_size, ('embed', 'vocab'), rngs=rngs,
-                             std=cfg.init_std))
+    self.final_norm = (None if config.placement == 'post'
+                       else Norm(config.norm_spec, config.d_model, roles.INPUT_SCALE))
+    self.head = (None if config.tie_embeddings
+                 else Linear(config.d_model, config.vocab_size, ('embed', 'vocab'), rngs=rngs,
+                             std=config.init_std))
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     """Returns float32 logits [B, L, V]."""
@@ -96,8 +96,8 @@ class Decoder(nnx.Module):
 
   def forward(self, tokens_BxL: jax.Array) -> tuple[jax.Array, dict]:
     """Returns (float32 logits [B, L, V], MoE router statistics averaged over layers)."""
-    cfg = self.cfg
-    x = sharding.constrain(self.embed(tokens_BxL, cfg.compute_dtype), RESIDUAL)
+    config = self.config
+    x = sharding.constrain(self.embed(tokens_BxL, config.compute_dtype), RESIDUAL)
     positions_L = jnp.arange(tokens_BxL.shape[1])
     graphdef, stacked = nnx.split(self.blocks)
 
@@ -105,9 +105,9 @@ class Decoder(nnx.Module):
       x, aux = nnx.merge(graphdef, layer_params)(x, positions_L)
       return sharding.constrain(x, RESIDUAL), aux
 
-    if cfg.remat != 'none':
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x, aux_L = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
+    if config.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
+    x, aux_L = jax.lax.scan(body, x, stacked, unroll=config.scan_unroll)
     if self.final_norm is not None:
       x = self.final_norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
@@ -116,12 +116,12 @@ class Decoder(nnx.Module):
 
   def aux_loss(self, aux: dict):
     """Weighted MoE auxiliary losses to add to the cross-entropy (0 for dense models)."""
-    return moe.aux_loss(self.cfg, aux)
+    return moe.aux_loss(self.config, aux)
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
-  return Decoder(cfg, rngs=nnx.Rngs(params=seed))
+def build_model(config: ModelConfig, seed: int = 0) -> Decoder:
+  return Decoder(config, rngs=nnx.Rngs(params=seed))

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scalejax.core import roles
-from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale
 from scalejax.core.roles import Param
+from scalejax.model.config import ModelConfig
+from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale
 
 DUAL_MODES = ('none', 'dp', 'dnp')
 
@@ -86,18 +87,18 @@ class Attention(nnx.Module):
   """Causal multi-head / grouped-query attention with RoPE and optional QK-norm."""
   folds_scales = True  # xq, xk, xv may be `norms.Scaled`: only Linear maps read them
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
-    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim
-    self.n_heads, self.n_kv, self.h, self.theta = n, k, h, cfg.rope_theta
-    self.impl = cfg.attention_impl or None
-    dual = lambda name: cfg.dual if name in cfg.dual_targets else 'none'
-    spec = cfg.norm_spec
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, n, k, h = config.d_model, config.n_heads, config.resolved_n_kv_heads, config.resolved_head_dim
+    self.n_heads, self.n_kv, self.h, self.theta = n, k, h, config.rope_theta
+    self.impl = config.attention_impl or None
+    dual = lambda name: config.dual if name in config.dual_targets else 'none'
+    spec = config.norm_spec
     self.q = Linear(d, n * h, ('embed', 'heads'), rngs=rngs, dual=dual('q'), norm=spec)
     self.k = Linear(d, k * h, ('embed', 'kv_heads'), rngs=rngs, dual=dual('k'), norm=spec)
     self.v = Linear(d, k * h, ('embed', 'kv_heads'), rngs=rngs, dual=dual('v'), norm=spec)
-    self.o = Linear(n * h, d, ('heads', 'embed'), rngs=rngs, std=cfg.out_std)
-    self.q_norm = Norm(spec, h, roles.OUTPUT_SCALE) if cfg.qk_norm else None
-    self.k_norm = Norm(spec, h, roles.OUTPUT_SCALE) if cfg.qk_norm else None
+    self.o = Linear(n * h, d, ('heads', 'embed'), rngs=rngs, std=config.out_std)
+    self.q_norm = Norm(spec, h, roles.OUTPUT_SCALE) if config.qk_norm else None
+    self.k_norm = Norm(spec, h, roles.OUTPUT_SCALE) if config.qk_norm else None
 
   def __call__(self, xq, xk, xv, positions_L):
     b, l, _ = xq.shape
@@ -115,12 +116,12 @@ class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x_g)) * up(x_u)); x_g and x_u differ only under HG."""
   folds_scales = True  # xg, xu may be `norms.Scaled`: only Linear maps read them
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
-    d, f, spec = cfg.d_model, cfg.resolved_d_ff, cfg.norm_spec
-    dual = lambda name: cfg.dual if name in cfg.dual_targets else 'none'
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, f, spec = config.d_model, config.resolved_d_ff, config.norm_spec
+    dual = lambda name: config.dual if name in config.dual_targets else 'none'
     self.gate = Linear(d, f, ('embed', 'mlp'), rngs=rngs, dual=dual('gate'), norm=spec)
     self.up = Linear(d, f, ('embed', 'mlp'), rngs=rngs, dual=dual('up'), norm=spec)
-    self.down = Linear(f, d, ('mlp', 'embed'), rngs=rngs, std=cfg.out_std)
+    self.down = Linear(f, d, ('mlp', 'embed'), rngs=rngs, std=config.out_std)
 
   def __call__(self, xg, xu):
     g, u = self.gate.project(xg), self.up.project(xu)

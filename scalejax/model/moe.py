@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scalejax.core import sharding
+from scalejax.model.config import ModelConfig
 from scalejax.model.layers import MLP, Linear
 
 AUX_KEYS = ('moe_lb_loss', 'moe_z_loss', 'moe_drop_frac')
@@ -42,13 +43,13 @@ AUX_KEYS = ('moe_lb_loss', 'moe_z_loss', 'moe_drop_frac')
 class MoE(nnx.Module):
   BRANCHES = ('gate', 'up', 'router')
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
-    d, n = cfg.d_model, cfg.moe_experts
-    self.n_experts, self.top_k = n, cfg.moe_top_k
-    self.capacity_factor, self.group_size = cfg.moe_capacity_factor, cfg.moe_group_size
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, n = config.d_model, config.moe_experts
+    self.n_experts, self.top_k = n, config.moe_top_k
+    self.capacity_factor, self.group_size = config.moe_capacity_factor, config.moe_group_size
     # The router's output axis is not sharded: N is small and top-k needs all of it.
-    self.router = Linear(d, n, ('embed', None), rngs=rngs, std=cfg.init_std)
-    expert_cfg = dataclasses.replace(cfg, d_ff=cfg.resolved_moe_expert_ff)
+    self.router = Linear(d, n, ('embed', None), rngs=rngs, std=config.init_std)
+    expert_cfg = dataclasses.replace(config, d_ff=config.resolved_moe_expert_ff)
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'expert'})
@@ -56,8 +57,8 @@ class MoE(nnx.Module):
       return MLP(expert_cfg, rngs=rngs)
 
     self.experts = make_experts(rngs)
-    self.shared = (MLP(dataclasses.replace(cfg, d_ff=cfg.moe_shared_ff), rngs=rngs)
-                   if cfg.moe_shared_ff else None)
+    self.shared = (MLP(dataclasses.replace(config, d_ff=config.moe_shared_ff), rngs=rngs)
+                   if config.moe_shared_ff else None)
 
   def capacity(self, group: int) -> int:
     return min(group, math.ceil(self.capacity_factor * group * self.top_k / self.n_experts))
@@ -117,8 +118,8 @@ class MoE(nnx.Module):
     return y_BxLxD, aux
 
 
-def aux_loss(cfg, aux: dict) -> jax.Array | float:
+def aux_loss(config: ModelConfig, aux: dict) -> jax.Array | float:
   """The weighted auxiliary losses added to the training loss (0 for a dense model)."""
   if not aux:
     return 0.0
-  return cfg.moe_lb_weight * aux['moe_lb_loss'] + cfg.moe_z_weight * aux['moe_z_loss']
+  return config.moe_lb_weight * aux['moe_lb_loss'] + config.moe_z_weight * aux['moe_z_loss']
