@@ -11,6 +11,7 @@ import pytest
 
 from scalejax.cli import bench
 from scalejax.train import xla_flags
+from scalejax.train.config import load_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -51,6 +52,7 @@ def test_every_field_for_every_variant(short_run):
 def test_run_metadata_and_table(short_run):
   stdout, out = short_run
   assert out['peak_flops'] > 0 and len(out['probe_flops_rounds']) == 2
+  assert out['call'] == 'compiled'  # the default: the compiled executable alone
   assert out['machine']['platform'] == 'cpu' and out['machine']['cpu_count'] >= 1
   assert out['machine']['tuning']['malloc'] is sys.platform.startswith('linux')
   assert {'date', 'load_avg_start', 'load_avg_end', 'model', 'batch_size', 'seq_len'} <= set(out)
@@ -61,8 +63,23 @@ def test_unknown_variant_is_one_clear_error():
   proc = subprocess.run(
       [sys.executable, '-m', 'scalejax.cli.bench', '--config', 'configs/bench_tiny.py',
        '--variants', 'baselin'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
+  assert proc.returncode == 1
   assert "unknown model.variant 'baselin'" in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      f'scalejax.cli.bench: error: unknown model.variant \'baselin\' in --variants; valid: '
+      f'{", ".join(bench.VARIANTS)}']
+
+
+def test_jit_call_times_the_step_as_the_train_loop_calls_it():
+  # What the former scripts/overhead.py timed: the jitted step inside the mesh context.
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  out = bench.run_benchmark(cfg, ['baseline'], rounds=1, steps=2, warmup=0, call='jit')
+  row, = out['results']
+  assert out['call'] == 'jit' and row['variant'] == 'baseline'
+  assert len(row['step_ms_rounds']) == 1 and row['step_ms'] > 0 and math.isfinite(row['loss'])
+  # Even without warmup no timed step compiles (build_case's untimed first call did):
+  # a compilation in one of the 2 steps would make their mean half a compile time.
+  assert row['step_ms'] < 1e3 * row['compile_s'] / 10
 
 
 def test_xla_flags_append_and_never_override(monkeypatch):

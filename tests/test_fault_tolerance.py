@@ -31,32 +31,6 @@ ROOT = Path(__file__).parents[1]
 TIMING = ('tokens_per_sec', 'mfu')  # the only fields of a record that depend on the clock
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compile_once(tmp_path_factory):
-  """A persistent XLA cache shared by every run in this file, subprocesses included:
-  each distinct program compiles once (runs here differ mostly in when they stop)."""
-  from jax.experimental.compilation_cache import compilation_cache
-  cache = str(tmp_path_factory.mktemp('xla_cache'))
-  settings = {'jax_compilation_cache_dir': cache,
-              'jax_persistent_cache_min_compile_time_secs': 0,
-              'jax_persistent_cache_min_entry_size_bytes': 0}
-  before = {k: getattr(jax.config, k) for k in settings}
-  env_before = {k.upper(): os.environ.get(k.upper()) for k in settings}
-  for k, v in settings.items():
-    jax.config.update(k, v)
-    os.environ[k.upper()] = str(v)
-  compilation_cache.reset_cache()
-  yield
-  for k, v in before.items():
-    jax.config.update(k, v)
-  for k, v in env_before.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  compilation_cache.reset_cache()
-
-
 def _cfg(**train):
   cfg = tiny_config()
   cfg.train.update(**{'eval_every': 10, 'log_every': 5, **train})

@@ -56,7 +56,7 @@ def test_decoder_loss_and_grads_match_unfolded(monkeypatch):
 
   folded = jax.jit(jax.value_and_grad(loss))(params)
   # the same model with every norm output multiplied before the linear maps
-  monkeypatch.setattr(model_lib, '_feed', lambda norm, x, module, k:
+  monkeypatch.setattr(model_lib, 'feed', lambda norm, x, module, k:
                       model_lib._branches(norm(x), k))
   eager = jax.jit(jax.value_and_grad(loss))(params)
   chex.assert_trees_all_close(folded, eager, rtol=1e-4, atol=1e-6)

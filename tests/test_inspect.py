@@ -13,7 +13,7 @@ from scalejax.train import config as config_lib
 from scalejax.studies import inspect_scales as I
 from scalejax.train import trainer
 from scalejax.model.decoder import build_model
-from scalejax.analysis.scale_stats import input_scale_consumers
+from scalejax.model.wiring import input_scale_consumers
 from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]

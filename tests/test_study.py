@@ -6,11 +6,23 @@ import os
 from pathlib import Path
 
 import pytest
+from absl import flags
 
+from scalejax.cli import common
 from scalejax.studies import ablation as study
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / 'configs' / 'tiny.py')
+
+
+def _flags(argv):
+  """The command's flags as `python -m scalejax.studies.ablation ARGV` parses them, on a
+  FlagValues of their own (this process's global flags stay untouched)."""
+  return common.parse_flags(study.define_flags, argv)
+
+
+def _main(argv):
+  return study.main(['ablation'], _flags(argv))
 
 
 def test_paired_difference_on_known_numbers():
@@ -88,6 +100,25 @@ def test_suites_and_dedup():
       'train.steps': 5, 'model.placement': 'post'}
 
 
+def test_flags_keep_their_names_and_meaning():
+  fv = _flags(['--config', TINY, '--out', 'o'])
+  assert (fv.suite, fv.variants, fv.seeds, fv.optimizers, fv.schedules, fv.lrs, fv.parallel,
+          fv.set, fv.aggregate_only) == ('paper', None, [0, 1, 2], ['adamw'], ['cosine'], None,
+                                         1, [], False)
+  fv = _flags(['--config', TINY, '--out', 'o', '--suite', 'paper_post', '--variants',
+               'baseline,dp@post', '--seeds', '0,1', '--optimizers', 'adamw,muon', '--lrs',
+               '1e-3,2e-3', '--set', 'train.steps=4', '--set', 'seed=1', '--aggregate_only'])
+  assert fv.variants == ['baseline', 'dp@post'] and fv.seeds == [0, 1]
+  assert fv.optimizers == ['adamw', 'muon'] and fv.lrs == [1e-3, 2e-3]
+  assert fv.set == ['train.steps=4', 'seed=1'] and fv.aggregate_only
+  with pytest.raises(flags.IllegalFlagValueError, match='suite'):
+    _flags(['--config', TINY, '--out', 'o', '--suite', 'papr'])
+  with pytest.raises(flags.IllegalFlagValueError, match='config'):
+    _flags(['--out', 'o'])
+  with pytest.raises(ValueError, match=r"unknown \['adamx'\]; valid: "):
+    study.main(['ablation'], _flags(['--config', TINY, '--out', 'o', '--optimizers', 'adamx']))
+
+
 def test_crashed_trial_is_retried_once(tmp_path):
   bad = study.Trial('baseline', 0, 'adamw', 'cosine', None,
                     (('model.placement', 'bogus'), ('seed', 0)))
@@ -104,7 +135,7 @@ def test_tiny_suite_writes_table_and_plots_and_resumes(tmp_path, capsys):
   argv = ['--config', TINY, '--out', str(out), '--suite', 'tiny', '--seeds', '0,1',
           '--parallel', '2', '--set', 'train.steps=4', '--set', 'train.eval_every=2',
           '--set', 'checkpoint.every=100']
-  rep = study.main(argv)
+  rep = _main(argv)
   assert rep['failed'] == []
   rows = rep['summary']['adamw-cosine']
   assert set(rows) == {'baseline', 'no_scale'}
@@ -127,7 +158,7 @@ def test_tiny_suite_writes_table_and_plots_and_resumes(tmp_path, capsys):
   # Rerunning resumes: nothing is trained again, the report is the same.
   stamp = os.path.getmtime(out / 'trials' / 'baseline-adamw-cosine-s0' / 'result.json')
   capsys.readouterr()
-  again = study.main(argv)
+  again = _main(argv)
   assert '4 trials, 4 distinct runs, 0 to run' in capsys.readouterr().out
   assert os.path.getmtime(out / 'trials' / 'baseline-adamw-cosine-s0' / 'result.json') == stamp
   assert again['table'] == rep['table']

@@ -99,6 +99,7 @@ def test_train_py_prints_one_error_line_and_exits_1(tmp_path):
       'short': _write(tmp_path / 'short.txt', b'too short to fill one window'),
       'small': _write(tmp_path / 'small.txt', text[:2000]),
       'binary': _write(tmp_path / 'binary.txt', text[:500] + b'\xff\xfe\x00' + text[:500]),
+      'a file': _write(tmp_path / 'a_file', b'not a directory'),
   }
   text_data = ['--config.data.source=text_files', '--config.data.tokenizer=byte']
   cases = {
@@ -123,6 +124,12 @@ def test_train_py_prints_one_error_line_and_exits_1(tmp_path):
       'tfds not prepared': (['--config.data.source=tfds', '--config.data.tfds_name=lm1b',
                              f'--config.data.tfds_data_dir={tmp_path}/tfds'],
                             "TFDS dataset 'lm1b' is not prepared"),
+      # The last --workdir on the command line wins (absl), so these replace the default.
+      'workdir is a file': ([f'--workdir={files["a file"]}'],
+                            f'--workdir {files["a file"]} is an existing file, not a directory'),
+      'workdir under a file': ([f'--workdir={files["a file"]}/run'],
+                               f'--workdir {files["a file"]}/run lies under {files["a file"]}, '
+                               'which is a file'),
   }
   procs = {}
   for name, (args, _) in cases.items():
@@ -142,3 +149,4 @@ def test_train_py_prints_one_error_line_and_exits_1(tmp_path):
     assert len(errors) == 1 and cases[name][1] in errors[0], (name, err[-2000:])
     assert not (tmp_path / name.replace(' ', '_') / 'checkpoints').exists() or \
         not os.listdir(tmp_path / name.replace(' ', '_') / 'checkpoints'), name
+  assert Path(files['a file']).read_bytes() == b'not a directory'  # nothing written over it

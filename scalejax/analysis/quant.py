@@ -17,8 +17,9 @@ Which tensors are quantized is chosen by role (`MODES`), never by name. Granular
     along dim; a scalar (magdir's beta) has its own scale and is exact.
 
 Folding (`fold_input_scales`) moves every input-role gamma into the rows of the kernels
-its norm feeds (`scale_stats.FEEDS`) and resets the scale to the identity, which leaves
-the float model's function unchanged; output-role scales have no such map.
+it feeds (`Scale.folds_into` of the model's wiring, scalejax/model/wiring.py) and resets
+the scale to the identity, which leaves the float model's function unchanged;
+output-role scales have no such map.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import qwix
 from flax import nnx
 
 from scalejax.core import roles as R
-from scalejax.scales.norms import Norm
-from scalejax.analysis.scale_stats import form_gamma, input_scale_consumers, is_stacked, module_at
+from scalejax.model import wiring
+from scalejax.scales.norms import make_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,29 +149,28 @@ def fold_input_scales(model) -> tuple[dict, list[str]]:
   graphdef, state = nnx.split(model)
   model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
   left = []
-  for c in input_scale_consumers(model):
-    norm = module_at(model, c.norm)
-    if c.transposed:
-      left.append(c.name)
-      continue
-    form = getattr(norm, c.branch)
-    gamma = form_gamma(form)
+  for s in wiring.input_scale_consumers(model):
+    form = wiring.module_at(model, s.path)
+    gamma = wiring.form_gamma(form)
     if gamma is None:
       continue
-    for path in c.kernels:
-      kernel = module_at(model, path)
-      kernel.set_value(kernel.get_value() * gamma[..., :, None])
-    _reset_to_identity(form, norm)
+    if any(c.transposed for c in s.folds_into):
+      left.append(s.name)
+      continue
+    for c in s.folds_into:
+      kernel = wiring.module_at(model, c.kernel.path)
+      # gamma [*stack, d_in] onto the rows of [*stack, (experts,) d_in, d_out]
+      rows = jnp.expand_dims(gamma[..., :, None], wiring.extra_stack_axes(s, c))
+      kernel.set_value(kernel.get_value() * rows)
+    _reset_to_identity(form, make_scale(model_cfg.norm_spec, s.dim, R.INPUT_SCALE))
   return R.params_of(model), left
 
 
-def _reset_to_identity(form, norm: Norm):
-  fresh = R.params_of(Norm(norm.spec, norm.dim, R.INPUT_SCALE, ('scale',)).scale)
+def _reset_to_identity(form, fresh):
+  """Sets a (possibly stacked) form's params to those of the unstacked `fresh` one."""
   state = nnx.state(form, nnx.Param)
-  current = nnx.to_pure_dict(state)
-  stacked = is_stacked(form)
-  new = jax.tree.map(lambda f, c: jnp.broadcast_to(f, c.shape) if stacked else f,
-                     fresh, current)
+  new = jax.tree.map(lambda f, c: jnp.broadcast_to(f, c.shape),
+                     R.params_of(fresh), nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, new)
   nnx.update(form, state)
 

@@ -3,14 +3,13 @@ preconditioner bounds of input-role scales."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from scalejax.core import roles as R
+from scalejax.model import wiring
 from scalejax.scales.norms import SCALE_FORMS
 
 
@@ -65,111 +64,18 @@ def role_means(stats: dict) -> dict[str, float]:
 # eigenvalues are gamma_j^2 and gamma_j^2 + ||w_j||^2. When one gamma feeds several
 # maps (q, k and v without HG), W is their concatenation along d_out.
 
-# Which linear maps the output of each input-role norm feeds, as module paths, in a
-# Pre-Norm or sandwich model. A norm with the single branch `scale` feeds all its maps;
-# an HG branch feeds the map of its own name. `head` absent (tied embeddings): the final
-# norm feeds the embedding table, used transposed.
-FEEDS = {
-    ('blocks', 'attn_norm'): (('blocks', 'attn', 'q'), ('blocks', 'attn', 'k'),
-                              ('blocks', 'attn', 'v')),
-    ('blocks', 'mlp_norm'): (('blocks', 'mlp', 'gate'), ('blocks', 'mlp', 'up')),
-    ('final_norm',): (('head',),),
-}
-TIED_HEAD = ('embed',)
-
-
-@dataclasses.dataclass(frozen=True)
-class Consumer:
-  """One input-role scale (a norm's branch) and the kernels of the map it feeds.
-
-  `kernels` are param paths; a kernel stored [d_in, d_out] (Linear) has `transposed`
-  False, the tied embedding table [vocab, d] used as the head has it True.
-  """
-  norm: tuple[str, ...]
-  branch: str
-  kernels: tuple[tuple[str, ...], ...]
-  transposed: bool = False
-
-  @property
-  def name(self) -> str:
-    return '/'.join(self.norm + (self.branch,))
-
-
-def module_at(model, path):
-  for p in path:
-    model = getattr(model, p)
-  return model
-
-
-def input_scale_consumers(model) -> list[Consumer]:
-  """Every input-role scale of `model` with the kernels it feeds, checked against roles.
-
-  Roles are the data: the input-role params of the model must be exactly those of the
-  norms in FEEDS, so a new input norm without a FEEDS entry is an error, not a skip.
-  """
-  if model.config.placement == 'post':
-    raise ValueError('input-scale consumers are defined for model.placement=pre or '
-                     'sandwich; a Post-Norm scale also multiplies the residual stream')
-  role_flat = _flat(R.role_tree(model))
-  input_norms = {path[:-2] for path, role in role_flat.items() if role == R.INPUT_SCALE}
-  unknown = input_norms - set(FEEDS)
-  if unknown:
-    raise ValueError(f'input-role scales {sorted(map("/".join, unknown))} have no entry in '
-                     'scale_stats.FEEDS; add the linear maps their output feeds')
-  out = []
-  for norm_path, maps in FEEDS.items():
-    norm = module_at(model, norm_path)
-    if norm is None:
-      continue
-    if norm_path not in input_norms:
-      if all(isinstance(getattr(norm, b), SCALE_FORMS['none']) for b in norm.branches):
-        continue  # the `none` form: normalization only, nothing to report or fold
-      raise ValueError(f'{"/".join(norm_path)} is listed in FEEDS but its params do not '
-                       'have role input_scale')
-    transposed = False
-    if maps == (('head',),) and model.head is None:
-      maps, transposed = (TIED_HEAD,), True
-    for branch in norm.branches:
-      fed = maps if branch == 'scale' else tuple(m for m in maps if m[-1] == branch)
-      if not fed:
-        raise ValueError(f'HG branch {branch!r} of {"/".join(norm_path)} names no map in FEEDS')
-      kernels = tuple(m + (('table',) if transposed else ('kernel',)) for m in fed)
-      out.append(Consumer(norm_path, branch, kernels, transposed))
-  return out
-
-
-def _flat(tree) -> dict[tuple[str, ...], object]:
-  return {tuple(str(getattr(k, 'key', k)) for k in path): v
-          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def is_stacked(module) -> bool:
-  """Whether the module's params carry a leading `layers` axis (stacked blocks)."""
-  axes = jax.tree.leaves(R.axes_tree(module), is_leaf=lambda x: isinstance(x, tuple))
-  stacked = {'layers' in a for a in axes}
-  if len(stacked) != 1 or any('layers' in a and a.index('layers') != 0 for a in axes):
-    raise ValueError('expected all params of a scale form to be stacked on axis 0 or none')
-  return stacked.pop()
-
-
-def form_gamma(form) -> jax.Array | None:
-  """Effective gamma of one scale form: [layers, dim] if stacked, else [dim]."""
-  graphdef, state = nnx.split(form)
-  pure = nnx.to_pure_dict(state)
-  if is_stacked(form):
-    return jax.vmap(lambda s: nnx.merge(graphdef, s)())(pure)
-  return form()
-
-
-_LEARNED_FORMS = tuple(f for name, f in SCALE_FORMS.items() if name != 'none')
+# Which kernels each input-role scale feeds comes from the model's wiring
+# (scalejax/model/wiring.py), checked there against the roles.
 
 
 def effective_scales(model) -> dict[str, tuple[str, jax.Array]]:
   """'<module path>' -> (role, gamma) for every scale form with a learnable scale."""
+  forms = tuple(SCALE_FORMS.values())  # read now: a form registered later is a form too
   out = {}
   for path, mod in nnx.iter_modules(model):
-    if isinstance(mod, _LEARNED_FORMS):
-      out['/'.join(map(str, path))] = (mod.role, form_gamma(mod))
+    gamma = wiring.form_gamma(mod) if isinstance(mod, forms) else None
+    if gamma is not None:
+      out['/'.join(map(str, path))] = (mod.role, gamma)
   return dict(sorted(out.items()))
 
 
@@ -177,30 +83,32 @@ def effective_scale_statistics(model) -> dict[str, dict[str, float]]:
   """Like `scale_statistics`, on the effective gammas: {'<path>[/layer<i>]': {role, ...}}."""
   out = {}
   for name, (role, gamma) in effective_scales(model).items():
-    for key, v in _per_layer(name, gamma, gamma.ndim == 2):
+    for key, v in _per_layer(name, gamma, gamma.ndim > 1):  # [layers, (experts,) dim]
       out[key] = dict(role=role, **summary(v))
   return out
 
 
-def column_sq_norms(model, consumer: Consumer) -> jax.Array:
-  """||w_j||^2 of the map a consumer feeds: [layers, d_in] if stacked, else [d_in]."""
+def column_sq_norms(model, scale: wiring.Scale) -> jax.Array:
+  """||w_j||^2 of the map a scale feeds: [layers, d_in] if stacked, else [d_in]."""
   total = 0.0
-  for path in consumer.kernels:
-    w = jnp.asarray(module_at(model, path)[...], jnp.float32)
+  for c in scale.folds_into:
+    w = jnp.asarray(wiring.module_at(model, c.kernel.path)[...], jnp.float32)
     # Linear kernels are [..., d_in, d_out]; the tied table is [vocab, d] = [d_out, d_in].
-    total = total + jnp.sum(jnp.square(w), axis=-2 if consumer.transposed else -1)
+    sq = jnp.sum(jnp.square(w), axis=-2 if c.transposed else -1)
+    # One MLP norm feeds every expert: their kernels are parts of one concatenated W.
+    total = total + jnp.sum(sq, axis=wiring.extra_stack_axes(scale, c))
   return total
 
 
 def preconditioner_bounds(model) -> dict[str, tuple[jax.Array, jax.Array]]:
   """'<norm>/<branch>' -> (gamma^2, gamma^2 + ||w_j||^2), the eigenvalue bounds of P_j."""
   out = {}
-  for c in input_scale_consumers(model):
-    gamma = form_gamma(getattr(module_at(model, c.norm), c.branch))
+  for s in wiring.input_scale_consumers(model):
+    gamma = wiring.form_gamma(wiring.module_at(model, s.path))
     if gamma is None:
       continue
     g2 = jnp.square(gamma)
-    out[c.name] = (g2, g2 + column_sq_norms(model, c))
+    out[s.name] = (g2, g2 + column_sq_norms(model, s))
   return out
 
 
@@ -218,8 +126,8 @@ def preconditioner_statistics(model) -> dict[str, dict[str, float]]:
   models, whose input-role scales also multiply the residual stream.
   """
   out = {}
-  if model.config.placement == 'post':
-    return out
+  if any(s.role == R.INPUT_SCALE and not s.folds_into for s in wiring.scales(model.config)):
+    return out  # Post-Norm: the input-role scales also feed the residual stream
   for name, (g2, upper) in preconditioner_bounds(model).items():
     layered = upper.ndim == 2
     for key, u in _per_layer(name, upper, layered):

@@ -33,7 +33,8 @@ from flax import nnx
 from scalejax.train import metrics, trainer
 from scalejax.core import roles, sharding
 from scalejax.model.counting import flops_per_token, param_counts
-from scalejax.model.layers import Linear
+from scalejax.model.decoder import feed
+from scalejax.model.layers import Attention, Linear, input_branches
 from scalejax.scales.norms import Norm, NormSpec
 from scalejax.scales.variants import get_variant
 
@@ -250,18 +251,21 @@ def format_report(r: Report) -> str:
 # --- fused normalization -----------------------------------------------------------
 
 class NormUnit(nnx.Module):
-  """A pre-norm (with HG branches or not) feeding three linear maps, with DP/DNP options.
+  """An attention input norm feeding q, k and v, wired as `decoder.Block` wires it: HG
+  branches from `Attention.BRANCHES`, the norm's output handed over by `decoder.feed`
+  (its scales folded into the kernels), DP/DNP on each map.
 
   `dual_scale` sets the scale form inside DP/DNP alone (default: the norm's).
   """
+  folds_scales = Attention.folds_scales
 
   def __init__(self, dim: int, scale='vector', hg=False, dual='none', dual_scale=None):
     rngs = nnx.Rngs(0)
     self.norm = Norm(NormSpec(scale=scale), dim, roles.INPUT_SCALE,
-                     branches=('q', 'k', 'v') if hg else ('scale',))
+                     branches=input_branches(Attention, hg))
     inner = NormSpec(scale=dual_scale or scale)
-    self.lins = nnx.List([Linear(dim, dim, ('embed', 'mlp'), rngs=rngs, dual=dual, norm=inner)
-                          for _ in range(3)])
+    for name in Attention.BRANCHES:
+      setattr(self, name, Linear(dim, dim, ('embed', 'mlp'), rngs=rngs, dual=dual, norm=inner))
 
   @classmethod
   def of_variant(cls, dim: int, name: str, **kw):
@@ -269,9 +273,8 @@ class NormUnit(nnx.Module):
     return cls(dim, scale=v.scale, hg=v.hg, dual=kw.pop('dual', v.dual), **kw)
 
   def __call__(self, x):
-    h = self.norm(x)
-    h = h if isinstance(h, tuple) else (h,) * 3
-    return sum(lin(hi) for lin, hi in zip(self.lins, h))
+    h = feed(self.norm, x, self, len(Attention.BRANCHES))
+    return sum(getattr(self, name)(hi) for name, hi in zip(Attention.BRANCHES, h))
 
 
 def norm_traffic(unit: NormUnit, device, dtype, grad: bool = False,
@@ -308,36 +311,46 @@ def fusion_table(topology: str, dim: int = 256) -> str:
   return '\n'.join(lines)
 
 
-def _cli():
-  from absl import app, flags
-  from ml_collections import config_flags
-  FLAGS = flags.FLAGS
-  config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)',
+# --- command line -----------------------------------------------------------------
+
+# The command line's own imports: nothing above needs absl or ml_collections.
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from scalejax.cli import common  # noqa: E402
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)', flag_values=fv,
                                   lock_config=True)
   flags.DEFINE_string('topology', 'v5p-8', 'accelerator type (v5p-8, v4-32, v5e-16, ...), '
-                      'topology (v5p:2x2x2) or cpu')
-  flags.DEFINE_string('json', '', 'also write the report to this JSON file')
-  flags.DEFINE_bool('fusion', False, 'print the normalization traffic table instead')
+                      'topology (v5p:2x2x2) or cpu', flag_values=fv)
+  flags.DEFINE_string('json', '', 'also write the report to this JSON file', flag_values=fv)
+  flags.DEFINE_bool('fusion', False, 'print the normalization traffic table instead',
+                    flag_values=fv)
 
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    if FLAGS.fusion:
-      print(fusion_table(FLAGS.topology))
-      return
-    if FLAGS.config is None:
-      raise app.UsageError('--config is required (or --fusion)')
-    report, _ = compile_train_step(FLAGS.config, FLAGS.topology)
-    print(f'config        {config_flags.get_config_filename(FLAGS["config"])}')
-    print(format_report(report))
-    if FLAGS.json:
-      with open(FLAGS.json, 'w') as f:
-        json.dump({**dataclasses.asdict(report), 'total_bytes': report.total_bytes,
-                   'fits': report.fits, 'roofline_s': report.roofline_s,
-                   'roofline_mfu': report.roofline_mfu}, f, indent=2)
 
-  app.run(main)
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.no_arguments(argv)
+  if fv.fusion:
+    print(fusion_table(fv.topology))
+    return
+  cfg = common.loaded_config(fv)
+  if cfg is None:
+    raise ValueError('--config is required (or --fusion)')
+  report, _ = compile_train_step(cfg, fv.topology)
+  print(f'config        {config_flags.get_config_filename(fv["config"])}')
+  print(format_report(report))
+  if fv.json:
+    with open(fv.json, 'w') as f:
+      json.dump({**dataclasses.asdict(report), 'total_bytes': report.total_bytes,
+                 'fits': report.fits, 'roofline_s': report.roofline_s,
+                 'roofline_mfu': report.roofline_mfu}, f, indent=2)
+
+
+def run() -> None:
+  common.run(main, define_flags, __doc__)
 
 
 if __name__ == '__main__':
-  _cli()
+  run()

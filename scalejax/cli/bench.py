@@ -1,4 +1,4 @@
-"""Benchmark train steps: compile time, step time, tokens/s, memory, MFU, overhead.
+r"""Benchmark train steps: compile time, step time, tokens/s, memory, MFU, overhead.
 
     python -m scalejax.cli.bench --config configs/shakespeare_char.py \
         --variants baseline,unified --json bench.json [--config.KEY=VALUE ...]
@@ -21,6 +21,14 @@ the ratios stay meaningful on a shared machine. Reported per variant:
 Data come from the config's pipeline, fetched before timing. `--nanogpt_torch` adds
 nanoGPT's model and optimizer step in PyTorch (if installed) to the same rounds: an
 external reference measured under the same load.
+
+`--call=jit` times each step as the train loop makes it, a call of the jitted function
+inside the mesh context (its cache lookup and dispatch included), instead of a call of
+the compiled executable; the difference between two such runs is what calling through
+jit costs per step:
+
+    python -m scalejax.cli.bench --config configs/shakespeare_char.py \
+        --variants baseline,unified,no_scale --call=jit --rounds 7 --steps 20
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from scalejax.train import xla_flags
 
 xla_flags.apply()  # before JAX creates its CPU client
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
@@ -36,19 +45,21 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from scalejax.model import counting
-from scalejax.train import metrics, trainer
+from scalejax.cli import common  # noqa: E402
 from scalejax.core import sharding  # noqa: E402
+from scalejax.model import counting  # noqa: E402
 from scalejax.scales.variants import VARIANTS  # noqa: E402
+from scalejax.train import metrics, trainer  # noqa: E402
+
+CALLS = ('compiled', 'jit')  # what a timed step calls (--call)
 
 FIELDS = ('variant', 'compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'page_faults',
           'tokens_per_s', 'flops_per_step', 'mfu', 'peak_bytes', 'device_peak_bytes', 'step_ratio',
@@ -71,12 +82,14 @@ class Case:
   faults: list = dataclasses.field(default_factory=list)  # minor page faults per step
   loss: float = float('nan')
   vocab: int = 0
+  mesh: object = None  # set: steps run inside jax.set_mesh, as the train loop runs them
 
   def run(self, n: int) -> float:
     m = None
-    for i in range(n):
-      self.state, m = self.step(self.state, self.batches[i % len(self.batches)])
-    jax.block_until_ready(m)
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      for i in range(n):
+        self.state, m = self.step(self.state, self.batches[i % len(self.batches)])
+      jax.block_until_ready(m)
     return float(m['loss'])
 
 
@@ -89,28 +102,34 @@ def compiled_bytes(compiled) -> int:
              + m.temp_size_in_bytes)
 
 
-def build_case(cfg, name: str, n_batches: int) -> Case:
+def build_case(cfg, name: str, n_batches: int, call: str = 'compiled') -> Case:
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.model.variant = name
   run, state = trainer.build_run(cfg, workdir=None)
   batches = [sharding.global_batch(next(run.data.train_iter), run.mesh)
              for _ in range(n_batches)]
+  jitted = trainer.make_train_step(run)
   with jax.set_mesh(run.mesh):
     t = time.perf_counter()
-    compiled = trainer.make_train_step(run).lower(state, batches[0]).compile()
+    compiled = jitted.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t
+    if call == 'jit':  # ahead-of-time compiling does not fill jit's cache: its first call
+      state, m = jitted(state, batches[0])  # compiles again, here and untimed
+      jax.block_until_ready(m)
   tokens = cfg.train.batch_size * cfg.train.seq_len
   flops = counting.flops_per_token(run.model_cfg, cfg.train.seq_len) * tokens
-  return Case(name, compiled, state, batches, tokens, flops, compile_s,
-              compiled_bytes(compiled), vocab=run.model_cfg.vocab_size)
+  return Case(name, jitted if call == 'jit' else compiled, state, batches, tokens, flops,
+              compile_s, compiled_bytes(compiled), vocab=run.model_cfg.vocab_size,
+              mesh=run.mesh if call == 'jit' else None)
 
 
 def measure(cases: list[Case], rounds: int, steps: int, warmup: int,
             probe=None) -> list[float]:
   """Times `rounds` rounds of `steps` steps of every case; returns the probe's FLOP/s."""
   for case in cases:
-    case.run(warmup)
+    if warmup:  # run(0) has no step whose loss it could return
+      case.run(warmup)
   probe_flops = []
   for _ in range(rounds):
     for case in cases:
@@ -271,9 +290,9 @@ def loadavg() -> float:
 
 
 def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int,
-                  reference: bool = False) -> dict:
+                  reference: bool = False, call: str = 'compiled') -> dict:
   load_start = loadavg()
-  cases = [build_case(cfg, v, n_batches=min(steps, 16)) for v in variants]
+  cases = [build_case(cfg, v, n_batches=min(steps, 16), call=call) for v in variants]
   if reference:
     cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
   on_cpu = jax.devices()[0].platform == 'cpu'
@@ -293,29 +312,50 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
       machine=machine(), load_avg_start=load_start, load_avg_end=loadavg(),
       peak_flops=peak, peak_source=peak_source,
       probe_flops_rounds=probe_flops, rounds=rounds, steps_per_round=steps, warmup=warmup,
+      call=call,
       batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
       model=cfg.model.to_dict(), results=rows)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  variants = [v for v in f.variants.split(',') if v]
+def define_flags(fv: flags.FlagValues) -> None:
+  config_flags.DEFINE_config_file('config', 'configs/shakespeare_char.py',
+                                  'config file (configs/*.py)', flag_values=fv, lock_config=True)
+  flags.DEFINE_list('variants', ['baseline', 'unified'], 'comma-separated model.variant names',
+                    flag_values=fv)
+  flags.DEFINE_integer('rounds', 7, 'timed rounds (the median is reported)', flag_values=fv)
+  flags.DEFINE_integer('steps', 10, 'steps per variant per round', flag_values=fv)
+  flags.DEFINE_integer('warmup', 3, 'untimed steps per variant after compilation',
+                       flag_values=fv)
+  flags.DEFINE_enum('call', 'compiled', CALLS, 'what a timed step calls: the compiled '
+                    'executable, or the jitted function as the train loop calls it',
+                    flag_values=fv)
+  flags.DEFINE_string('json', '', 'write the results here as JSON', flag_values=fv)
+  flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '
+                    'torch) in the same rounds, as an external reference', flag_values=fv)
+
+
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
+  common.no_arguments(argv)
+  variants = fv.variants
   bad = [v for v in variants if v not in VARIANTS]
-  if bad or not variants:
-    sys.exit(f'scalejax.cli.bench: error: unknown model.variant {bad[0]!r} in --variants; valid: '
-             f'{", ".join(VARIANTS)}' if bad else 'scalejax.cli.bench: error: --variants is empty')
-  out = run_benchmark(f.config, variants, f.rounds, f.steps, f.warmup, f.nanogpt_torch)
+  if bad:
+    raise ValueError(f'unknown model.variant {bad[0]!r} in --variants; valid: '
+                     f'{", ".join(VARIANTS)}')
+  if not variants:
+    raise ValueError('--variants is empty')
+  out = run_benchmark(common.loaded_config(fv), variants, fv.rounds, fv.steps, fv.warmup,
+                      fv.nanogpt_torch, fv.call)
   print(f'{out["machine"]["device_kind"]} x{out["machine"]["device_count"]}, '
         f'load {out["load_avg_start"]:.1f}->{out["load_avg_end"]:.1f}, '
-        f'peak {out["peak_flops"] / 1e9:.1f} GFLOP/s ({out["peak_source"]})')
+        f'peak {out["peak_flops"] / 1e9:.1f} GFLOP/s ({out["peak_source"]}), '
+        f'{out["call"]} steps')
   print(table(out['results']))
-  if f.json:
-    os.makedirs(os.path.dirname(os.path.abspath(f.json)), exist_ok=True)
-    with open(f.json, 'w') as fh:
+  if fv.json:
+    os.makedirs(os.path.dirname(os.path.abspath(fv.json)), exist_ok=True)
+    with open(fv.json, 'w') as fh:
       json.dump(_plain(out), fh, indent=2)
-    print(f'wrote {f.json}')
+    print(f'wrote {fv.json}')
+  return out
 
 
 def _plain(v):
@@ -331,14 +371,9 @@ def _plain(v):
   return v
 
 
+def run() -> None:
+  common.run(main, define_flags, __doc__)
+
+
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', 'configs/shakespeare_char.py',
-                                  'config file (configs/*.py)', lock_config=True)
-  flags.DEFINE_string('variants', 'baseline,unified', 'comma-separated model.variant names')
-  flags.DEFINE_integer('rounds', 7, 'timed rounds (the median is reported)')
-  flags.DEFINE_integer('steps', 10, 'steps per variant per round')
-  flags.DEFINE_integer('warmup', 3, 'untimed steps per variant after compilation')
-  flags.DEFINE_string('json', '', 'write the results here as JSON')
-  flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '
-                    'torch) in the same rounds, as an external reference')
-  app.run(main)
+  run()

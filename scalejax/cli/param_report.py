@@ -1,4 +1,4 @@
-"""Print a config's parameter counts.
+r"""Print a config's parameter counts.
 
     python -m scalejax.cli.param_report --config configs/paper_dense_1b.py \
         [--config.model.variant=unified ...]
@@ -12,8 +12,11 @@ abstractly (`nnx.eval_shape`: no memory), so the two can never silently disagree
 from __future__ import annotations
 
 import jax
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
+from scalejax.cli import common
 from scalejax.train import config as config_lib
 from scalejax.core import roles
 from scalejax.model.counting import flops_per_token, param_counts
@@ -58,21 +61,20 @@ def report(cfg) -> tuple[str, dict[str, int]]:
   return '\n'.join(f'{k:<18} {v}' for k, v in rows), counts
 
 
-def _cli():
-  from absl import app, flags
-  from ml_collections import config_flags
-  flags_ = flags.FLAGS
-  config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)',
+def define_flags(fv: flags.FlagValues) -> None:
+  config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)', flag_values=fv,
                                   lock_config=True)
-  flags.mark_flag_as_required('config')
+  flags.mark_flag_as_required('config', flag_values=fv)
 
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    print(report(flags_.config)[0])
 
-  app.run(main)
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.no_arguments(argv)
+  print(report(common.loaded_config(fv))[0])
+
+
+def run() -> None:
+  common.run(main, define_flags, __doc__)
 
 
 if __name__ == '__main__':
-  _cli()
+  run()

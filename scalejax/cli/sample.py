@@ -5,39 +5,34 @@
 
 from __future__ import annotations
 
-import json
-import os
+from absl import flags
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from absl import app, flags
-from flax import nnx
-
-from scalejax.train import checkpoint as ckpt
-from scalejax.train import config as config_lib
-from scalejax.core import roles
-from scalejax.data import load_tokenizer
-from scalejax.model.decoder import build_model
+from scalejax.cli import common
+from scalejax.model.sampling import generate
+from scalejax.train.runs import load_run
 
 
-FLAGS = flags.FLAGS
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'run directory holding config.json and checkpoints/',
+                      flag_values=fv)
+  flags.DEFINE_string('prompt', '\n', 'text to continue', flag_values=fv)
+  flags.DEFINE_integer('tokens', 200, 'tokens to generate', flag_values=fv)
+  flags.DEFINE_float('temperature', 0.8, 'sampling temperature', flag_values=fv)
+  flags.DEFINE_integer('top_k', 0, 'keep only the k most likely tokens (0: all)', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'sampling seed', flag_values=fv)
+  flags.mark_flag_as_required('workdir', flag_values=fv)
 
 
-def main(argv):
-  del argv
-  cfg, graphdef, params, tokenizer = load_run(FLAGS.workdir)
-  print(FLAGS.prompt + generate(graphdef, params, tokenizer, FLAGS.prompt, FLAGS.tokens,
-                                cfg.train.seq_len, FLAGS.temperature, FLAGS.top_k, FLAGS.seed))
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.no_arguments(argv)
+  cfg, graphdef, params, tokenizer = load_run(fv.workdir)
+  print(fv.prompt + generate(graphdef, params, tokenizer, fv.prompt, fv.tokens,
+                             cfg.train.seq_len, fv.temperature, fv.top_k, fv.seed))
+
+
+def run() -> None:
+  common.run(main, define_flags, __doc__)
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'run directory holding config.json and checkpoints/')
-  flags.DEFINE_string('prompt', '\n', 'text to continue')
-  flags.DEFINE_integer('tokens', 200, 'tokens to generate')
-  flags.DEFINE_float('temperature', 0.8, 'sampling temperature')
-  flags.DEFINE_integer('top_k', 0, 'keep only the k most likely tokens (0: all)')
-  flags.DEFINE_integer('seed', 0, 'sampling seed')
-  flags.mark_flag_as_required('workdir')
-  app.run(main)
+  run()

@@ -1,4 +1,4 @@
-"""Trains a SentencePiece model on local text for LM pre-training.
+r"""Trains a SentencePiece model on local text for LM pre-training.
 
   python -m scalejax.cli.train_spm --input FILE_OR_GLOB --vocab_size N \
       --model_prefix OUT
@@ -11,12 +11,13 @@ covers all the others but needs vocab_size > 256 + the number of specials.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import sentencepiece as spm
+from absl import flags
 
+from scalejax.cli import common
 from scalejax.data import sources
 
 
@@ -51,24 +52,29 @@ def train(input_path: str, vocab_size: int, model_prefix: str, *,
   return model_prefix + '.model'
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--input', required=True,
-                      help='a text file, a directory or a glob')
-  parser.add_argument('--vocab_size', type=int, required=True)
-  parser.add_argument('--model_prefix', required=True,
-                      help='writes MODEL_PREFIX.model and MODEL_PREFIX.vocab')
-  parser.add_argument('--model_type', default='unigram',
-                      choices=['unigram', 'bpe', 'char', 'word'])
-  parser.add_argument('--byte_fallback', action='store_true')
-  parser.add_argument('--input_sentence_size', type=int, default=0,
-                      help='sample this many lines (0: all)')
-  args = parser.parse_args(argv)
-  path = train(args.input, args.vocab_size, args.model_prefix,
-               model_type=args.model_type, byte_fallback=args.byte_fallback,
-               input_sentence_size=args.input_sentence_size)
-  print(path)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('input', None, 'a text file, a directory or a glob', flag_values=fv)
+  flags.DEFINE_integer('vocab_size', None, 'pieces in the model', flag_values=fv)
+  flags.DEFINE_string('model_prefix', None, 'writes MODEL_PREFIX.model and MODEL_PREFIX.vocab',
+                      flag_values=fv)
+  flags.DEFINE_enum('model_type', 'unigram', ['unigram', 'bpe', 'char', 'word'],
+                    'SentencePiece model type', flag_values=fv)
+  flags.DEFINE_bool('byte_fallback', False, 'unknown characters as UTF-8 bytes',
+                    flag_values=fv)
+  flags.DEFINE_integer('input_sentence_size', 0, 'sample this many lines (0: all)',
+                       flag_values=fv)
+  flags.mark_flags_as_required(['input', 'vocab_size', 'model_prefix'], flag_values=fv)
+
+
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.no_arguments(argv)
+  print(train(fv.input, fv.vocab_size, fv.model_prefix, model_type=fv.model_type,
+              byte_fallback=fv.byte_fallback, input_sentence_size=fv.input_sentence_size))
+
+
+def run() -> None:
+  common.run(main, define_flags, __doc__)
 
 
 if __name__ == '__main__':
-  main()
+  run()

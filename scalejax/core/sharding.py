@@ -43,8 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
 
 
-def mesh_shape(cfg, n_devices: int) -> tuple[int, ...]:
-  sizes = [int(cfg[a]) for a in MESH_AXES]
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   fill = [i for i, s in enumerate(sizes) if s == -1]
   if len(fill) > 1:
     raise ValueError('at most one mesh axis may be -1; set the others to sizes')
@@ -63,9 +63,9 @@ def mesh_shape(cfg, n_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(cfg, devices=None) -> Mesh:
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(cfg, len(devices))
+  shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 

@@ -54,7 +54,7 @@ class Data:
   eval_tokens: int
 
 
-def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
+def build_data(data_cfg: ml_collections.ConfigDict, *, seq_len: int,
                batch_size: int, seed: int, process_index: int = 0,
                process_count: int = 1, workdir: str | None = None) -> Data:
   """Builds tokenizer, train iterator and eval batches from the data config.
@@ -62,46 +62,45 @@ def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
   `batch_size` is global: this process gets rows
   [process_index * B_local, (process_index + 1) * B_local) of every batch.
   """
-  _check(cfg, seq_len, batch_size, process_index, process_count)
+  _check(data_cfg, seq_len, batch_size, process_index, process_count)
   shard = dict(batch_size=batch_size, process_index=process_index,
                process_count=process_count)
-  if cfg.source == 'tfds':
-    return _tfds(cfg, seq_len=seq_len, seed=seed, workdir=workdir, **shard)
+  if sources.get(data_cfg).documents is not None:
+    return _documents(data_cfg, seq_len=seq_len, seed=seed, workdir=workdir,
+                      **shard)
 
-  train_N, eval_N, tokenizer = _in_memory_splits(cfg, seed, workdir)
+  train_N, eval_N, tokenizer = _in_memory_splits(data_cfg, seed, workdir)
   if len(train_N) < seq_len + 1:
     raise ValueError(
         f'The train split has {len(train_N)} tokens, fewer than one window of '
         f'seq_len+1={seq_len + 1}; use a bigger corpus, a smaller seq_len or '
         'a smaller data.eval_fraction.')
   train_iter = windows.train_iter(train_N, seq_len=seq_len, seed=seed,
-                                  shuffle=cfg.shuffle, **shard)
+                                  shuffle=data_cfg.shuffle, **shard)
   evals = []
-  if cfg.eval_batches and cfg.eval_fraction:
+  if data_cfg.eval_batches and data_cfg.eval_fraction:
     available = windows.num_windows(len(eval_N), seq_len) // batch_size
     if not available:
       raise ValueError(
           f'The eval split has {len(eval_N)} tokens, fewer than one batch '
           f'(batch_size*seq_len+1={batch_size * seq_len + 1}); use a bigger '
           'corpus, a larger data.eval_fraction or a smaller batch.')
-    if available < cfg.eval_batches:
+    if available < data_cfg.eval_batches:
       logging.warning('The eval split fills only %d of data.eval_batches=%d '
                       'batches; evaluating on %d.', available,
-                      cfg.eval_batches, available)
+                      data_cfg.eval_batches, available)
     evals = windows.eval_batches(eval_N, seq_len=seq_len,
-                                 num_batches=min(available, cfg.eval_batches),
+                                 num_batches=min(available, data_cfg.eval_batches),
                                  **shard)
   return Data(tokenizer=tokenizer, train_iter=train_iter, eval_batches=evals,
               train_tokens=len(train_N), eval_tokens=len(eval_N))
 
 
-def _check(cfg, seq_len, batch_size, process_index, process_count):
-  if cfg.source not in sources.SOURCES:
-    raise ValueError(f'Unknown data.source {cfg.source!r}; set it to one of '
-                     f'{", ".join(sources.SOURCES)}.')
-  if cfg.source != 'synthetic' and cfg.tokenizer not in tokenizers.TOKENIZERS:
+def _check(data_cfg, seq_len, batch_size, process_index, process_count):
+  if (sources.get(data_cfg).tokenizer is None
+      and data_cfg.tokenizer not in tokenizers.TOKENIZERS):
     raise ValueError(
-        f'Unknown data.tokenizer {cfg.tokenizer!r}; set it to one of '
+        f'Unknown data.tokenizer {data_cfg.tokenizer!r}; set it to one of '
         f'{", ".join(tokenizers.TOKENIZERS)}.')
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f'seq_len={seq_len} and batch_size={batch_size} must be '
@@ -113,33 +112,28 @@ def _check(cfg, seq_len, batch_size, process_index, process_count):
     raise ValueError(
         f'batch_size={batch_size} is not divisible by process_count='
         f'{process_count}; use a batch size that is a multiple of it.')
-  if not 0 <= cfg.eval_fraction < 1:
-    raise ValueError(f'data.eval_fraction={cfg.eval_fraction} must lie in '
+  if not 0 <= data_cfg.eval_fraction < 1:
+    raise ValueError(f'data.eval_fraction={data_cfg.eval_fraction} must lie in '
                      '[0, 1).')
 
 
-def _in_memory_splits(cfg, seed, workdir):
+def _in_memory_splits(data_cfg, seed, workdir):
   """(train int32[N], eval int32[M], tokenizer): the eval split is the last
   eval_fraction of the corpus, cut in characters (bytes for `byte`) as nanoGPT
   cuts tinyshakespeare, then each side tokenized on its own."""
-  if cfg.source == 'synthetic':
-    n = cfg.max_bytes or sources.SYNTHETIC_TOKENS
-    corpus = sources.synthetic_tokens(n, cfg.synthetic_vocab, seed)
-    tokenizer = tokenizers.IdTokenizer(cfg.synthetic_vocab)
-    encode = lambda ids: ids
-  else:
-    corpus = sources.read_text_files(cfg.path, max_bytes=cfg.max_bytes,
-                                     decode=cfg.tokenizer != 'byte')
-    text = corpus if isinstance(corpus, str) else None
-    tokenizer = tokenizers.load_tokenizer(cfg, workdir, text=text)
-    encode = tokenizer.encode_array
-  cut = int(len(corpus) * (1 - cfg.eval_fraction))
+  corpus = sources.get(data_cfg).corpus(data_cfg, seed)
+  tokenizer = sources.load_tokenizer(
+      data_cfg, workdir, text=corpus if isinstance(corpus, str) else None)
+  encode = (tokenizer.encode_array if isinstance(corpus, (str, bytes))
+            else lambda ids: ids)  # a source's own ids need no tokenizing
+  cut = int(len(corpus) * (1 - data_cfg.eval_fraction))
   return encode(corpus[:cut]), encode(corpus[cut:]), tokenizer
 
 
-def _tfds(cfg, *, seq_len, batch_size, seed, process_index, process_count,
-          workdir):
-  tokenizer = tokenizers.load_tokenizer(cfg, workdir)
+def _documents(data_cfg, *, seq_len, batch_size, seed, process_index,
+               process_count, workdir):
+  read = sources.get(data_cfg).documents
+  tokenizer = sources.load_tokenizer(data_cfg, workdir)
   if tokenizer.eod_id is None:
     raise ValueError(
         f'The {tokenizer.name} tokenizer has no end-of-document id to '
@@ -147,25 +141,25 @@ def _tfds(cfg, *, seq_len, batch_size, seed, process_index, process_count,
         'piece, or delete a char_vocab.json built without one.')
   shard = dict(seq_len=seq_len, batch_size=batch_size,
                process_index=process_index, process_count=process_count)
-  train_docs = sources.tfds_docs(cfg, cfg.tfds_train_split)
+  train_docs = read(data_cfg, data_cfg.tfds_train_split)
   train = packing.packed_batches(train_docs, tokenizer, train=True, seed=seed,
-                                 shuffle=cfg.shuffle, **shard)
+                                 shuffle=data_cfg.shuffle, **shard)
   evals = []
-  if cfg.eval_batches:
-    eval_docs = sources.tfds_docs(cfg, cfg.tfds_eval_split)
+  if data_cfg.eval_batches:
+    eval_docs = read(data_cfg, data_cfg.tfds_eval_split)
     batches = iter(packing.packed_batches(eval_docs, tokenizer, train=False,
                                           **shard))
-    evals = list(itertools.islice(batches, cfg.eval_batches))
+    evals = list(itertools.islice(batches, data_cfg.eval_batches))
     batches.close()  # stops its reader threads
     if not evals:
       raise ValueError(
-          f'TFDS split {cfg.tfds_name}/{cfg.tfds_eval_split} has fewer tokens '
+          f'TFDS split {data_cfg.tfds_name}/{data_cfg.tfds_eval_split} has fewer tokens '
           f'than one batch (batch_size*(seq_len+1)={batch_size * (seq_len + 1)}'
           '); set data.tfds_eval_split to a bigger split or use a smaller '
           'batch.')
-    if len(evals) < cfg.eval_batches:
+    if len(evals) < data_cfg.eval_batches:
       logging.warning('The eval split fills only %d of data.eval_batches=%d '
-                      'batches.', len(evals), cfg.eval_batches)
+                      'batches.', len(evals), data_cfg.eval_batches)
   return Data(tokenizer=tokenizer,
               train_iter=packing.JsonStateIterator(iter(train)),
               eval_batches=evals, train_tokens=0,

@@ -1,17 +1,23 @@
 """Where text comes from: local text files, prepared TFDS datasets, or a
-synthetic token stream."""
+synthetic token stream, registered by name in `SOURCES` (`data.source`).
+
+A source is either a *corpus* (one stream, held in memory, whose last
+`data.eval_fraction` is the eval split) or a set of *documents* per split
+(packed into windows, streamed). Adding a source is one `Source` entry.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 from pathlib import Path
+from typing import Callable
 
 import grain
 import numpy as np
 
 from scalejax.data import tokenizers
 
-SOURCES = ('text_files', 'tfds', 'synthetic')
 SYNTHETIC_TOKENS = 1 << 20  # default size; data.max_bytes overrides it
 
 
@@ -163,17 +169,69 @@ def _docs_within(docs: grain.MapDataset, max_bytes: int) -> int:
   return len(docs)
 
 
-def corpus_text(data_cfg) -> str:
-  """The whole corpus as one string, for building a char vocabulary."""
-  if data_cfg.source == 'text_files':
-    return read_text_files(data_cfg.path, max_bytes=data_cfg.max_bytes)
-  if data_cfg.source == 'tfds':
-    # The EOD character joins documents, so it enters the vocabulary.
-    splits = [data_cfg.tfds_train_split]
-    if data_cfg.eval_batches:
-      splits.append(data_cfg.tfds_eval_split)
-    return ''.join(doc + tokenizers.EOD_CHAR for split in splits
-                   for doc in tfds_docs(data_cfg, split))
-  raise ValueError(
-      f'Unknown data.source {data_cfg.source!r}; set it to one of '
-      f'{", ".join(SOURCES)}.')
+def _tfds_text(data_cfg) -> str:
+  # The EOD character joins documents, so it enters the vocabulary.
+  splits = [data_cfg.tfds_train_split]
+  if data_cfg.eval_batches:
+    splits.append(data_cfg.tfds_eval_split)
+  return ''.join(doc + tokenizers.EOD_CHAR for split in splits
+                 for doc in tfds_docs(data_cfg, split))
+
+
+def _text_files_corpus(data_cfg, seed: int) -> str | bytes:
+  del seed  # files are read in sorted path order
+  return read_text_files(data_cfg.path, max_bytes=data_cfg.max_bytes,
+                         decode=data_cfg.tokenizer != 'byte')
+
+
+def _synthetic_corpus(data_cfg, seed: int) -> np.ndarray:
+  return synthetic_tokens(data_cfg.max_bytes or SYNTHETIC_TOKENS,
+                          data_cfg.synthetic_vocab, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One `data.source`: how its data is read and what tokenizes it.
+
+  Exactly one of `corpus` (data_cfg, seed -> str, bytes or token ids) and
+  `documents` (data_cfg, split -> grain.MapDataset of str) is set. `text`
+  (data_cfg -> str) is the text a char vocabulary is built from; `tokenizer`
+  (data_cfg -> tokenizer) is set for a source with ids of its own, which then
+  ignores `data.tokenizer`.
+  """
+  corpus: Callable | None = None
+  documents: Callable | None = None
+  text: Callable | None = None
+  tokenizer: Callable | None = None
+
+
+SOURCES: dict[str, Source] = {
+    'text_files': Source(
+        corpus=_text_files_corpus,
+        text=lambda c: read_text_files(c.path, max_bytes=c.max_bytes)),
+    'tfds': Source(documents=tfds_docs, text=_tfds_text),
+    'synthetic': Source(
+        corpus=_synthetic_corpus,
+        tokenizer=lambda c: tokenizers.IdTokenizer(c.synthetic_vocab)),
+}
+
+
+def get(data_cfg) -> Source:
+  if data_cfg.source not in SOURCES:
+    raise ValueError(f'Unknown data.source {data_cfg.source!r}; set it to one '
+                     f'of {", ".join(SOURCES)}.')
+  return SOURCES[data_cfg.source]
+
+
+def load_tokenizer(data_cfg, workdir=None, *, text: str | None = None):
+  """The tokenizer a run with `data_cfg` uses (see tokenizers.load_tokenizer).
+
+  A char vocabulary not yet saved in `workdir` is built from `text`, or else
+  from the source's whole text.
+  """
+  source = get(data_cfg)
+  if source.tokenizer is not None:
+    return source.tokenizer(data_cfg)
+  corpus = (lambda: text) if text is not None else (
+      lambda: source.text(data_cfg))
+  return tokenizers.load_tokenizer(data_cfg, workdir, corpus=corpus)

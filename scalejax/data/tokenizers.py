@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -153,38 +154,34 @@ def _blocks(text: str, size: int) -> list[str]:
   return blocks
 
 
-def _char(data_cfg, workdir, text):
+def _char(data_cfg, workdir, corpus):
   vocab_file = Path(workdir) / CHAR_VOCAB_FILE if workdir else None
   if vocab_file is not None and vocab_file.is_file():
     return CharTokenizer.load(vocab_file)
-  if text is None:
-    from scalejax.data import sources  # pylint: disable=g-import-not-at-top
-    text = sources.corpus_text(data_cfg)
-  tok = CharTokenizer.from_text(text)
+  tok = CharTokenizer.from_text(corpus())
   if vocab_file is not None:
     tok.save(vocab_file)
   return tok
 
 
 TOKENIZERS = {
-    'byte': lambda data_cfg, workdir, text: ByteTokenizer(),
+    'byte': lambda data_cfg, workdir, corpus: ByteTokenizer(),
     'char': _char,
-    'sentencepiece': lambda data_cfg, workdir, text: SentencePieceTokenizer(
+    'sentencepiece': lambda data_cfg, workdir, corpus: SentencePieceTokenizer(
         data_cfg.spm_model),
 }
 
 
-def load_tokenizer(data_cfg, workdir=None, *, text: str | None = None):
-  """The tokenizer a run with `data_cfg` uses.
+def load_tokenizer(data_cfg, workdir=None, *, corpus: Callable[[], str]):
+  """The `data.tokenizer` named tokenizer.
 
   For `char`, `workdir/char_vocab.json` wins when present (resumed runs and the
-  sampler then need no corpus); otherwise the vocabulary is built from `text`
-  (or the corpus itself when `text` is None) and saved there.
+  sampler then need no corpus); otherwise the vocabulary is built from
+  `corpus()` and saved there. Callers go through `sources.load_tokenizer`,
+  which knows where a source's text comes from.
   """
-  if data_cfg.source == 'synthetic':
-    return IdTokenizer(data_cfg.synthetic_vocab)
   if data_cfg.tokenizer not in TOKENIZERS:
     raise ValueError(
         f'Unknown data.tokenizer {data_cfg.tokenizer!r}; set it to one of '
         f'{", ".join(TOKENIZERS)}.')
-  return TOKENIZERS[data_cfg.tokenizer](data_cfg, workdir, text)
+  return TOKENIZERS[data_cfg.tokenizer](data_cfg, workdir, corpus)

@@ -11,85 +11,48 @@ implementation overhead, not model FLOPs, and are left out.
 
 from __future__ import annotations
 
+import math
+
+from scalejax.core import roles
+from scalejax.model import wiring
 from scalejax.model.config import ModelConfig
+from scalejax.scales.norms import SCALE_FORMS
 
 
-def _scale_size(cfg: ModelConfig, dim: int) -> int:
-  form = cfg.norm_spec.scale
-  return {'none': 0, 'vector': dim}.get(form, dim + 1)  # magdir forms add a scalar
+def _active(config: ModelConfig, copies: int, stack: tuple[str, ...]) -> int:
+  """Copies one token uses: top-k of the copies stacked over experts, all others."""
+  return copies // config.moe_experts * config.moe_top_k if 'expert' in stack else copies
 
 
-def _norm_size(cfg: ModelConfig, dim: int, branches: int = 1, bias: bool = True) -> int:
-  return branches * (_scale_size(cfg, dim) + (dim if cfg.norm_bias and bias else 0))
-
-
-def _dual_size(cfg: ModelConfig, name: str, dim: int, bias: bool = True) -> int:
-  if cfg.dual == 'none' or name not in cfg.dual_targets:
-    return 0
-  return _scale_size(cfg, dim) if cfg.dual == 'dp' else _norm_size(cfg, dim, bias=bias)
-
-
-def _swiglu(cfg: ModelConfig, f: int, bias: bool = True) -> tuple[int, int]:
-  """(matrix params, norm params) of one SwiGLU MLP of hidden width f."""
-  dual = sum(_dual_size(cfg, name, f, bias) for name in ('gate', 'up'))
-  return 3 * cfg.d_model * f, dual
-
-
-def _mlp(cfg: ModelConfig, experts: int, bias: bool = True) -> tuple[int, int]:
-  """(matrix, norm) params of one layer's MLP when a token uses `experts` routed experts."""
-  if cfg.mlp != 'moe':
-    return _swiglu(cfg, cfg.resolved_d_ff, bias)
-  m, n = _swiglu(cfg, cfg.resolved_moe_expert_ff, bias)
-  m_s, n_s = _swiglu(cfg, cfg.moe_shared_ff, bias) if cfg.moe_shared_ff else (0, 0)
-  return cfg.d_model * cfg.moe_experts + experts * m + m_s, experts * n + n_s
-
-
-def _mlp_branches(cfg: ModelConfig) -> int:
-  return (3 if cfg.mlp == 'moe' else 2) if cfg.hg else 1  # MoE: the router has its own
-
-
-def layer_matrix_params(cfg: ModelConfig, active: bool = False) -> int:
-  """Matrix params of one layer (`active`: only the experts one token uses)."""
-  d, h = cfg.d_model, cfg.resolved_head_dim
-  attn = d * cfg.n_heads * h * 2 + d * cfg.resolved_n_kv_heads * h * 2
-  return attn + _mlp(cfg, cfg.moe_top_k if active else cfg.moe_experts)[0]
-
-
-def layer_norm_params(cfg: ModelConfig, active: bool = False, bias: bool = True) -> int:
-  d, h = cfg.d_model, cfg.resolved_head_dim
-  n = _norm_size(cfg, d, 3 if cfg.hg else 1, bias) + _norm_size(cfg, d, _mlp_branches(cfg), bias)
-  if cfg.placement == 'sandwich':
-    n += 2 * _norm_size(cfg, d, bias=bias)
-  if cfg.qk_norm:
-    n += 2 * _norm_size(cfg, h, bias=bias)
-  outs = {'q': cfg.n_heads * h, 'k': cfg.resolved_n_kv_heads * h, 'v': cfg.resolved_n_kv_heads * h}
-  n += sum(_dual_size(cfg, name, dim, bias) for name, dim in outs.items())
-  return n + _mlp(cfg, cfg.moe_top_k if active else cfg.moe_experts, bias)[1]
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-  """Parameter counts of a model built from `cfg`.
+def param_counts(config: ModelConfig) -> dict[str, int]:
+  """Parameter counts of a model built from `config`, from its wiring.
 
   total; embedding (the token table); head (0 when tied); matrix (all linear maps,
   head and MoE router included); norm (scale vectors plus norm biases); scale (scale
-  vector params only); non_embedding (total - embedding table); active (params one
-  token uses: all of a dense model, the top-k routed experts of an MoE layer).
+  vector params only, each form counting its own); non_embedding (total - embedding
+  table); active (params one token uses: all of a dense model, the top-k routed
+  experts of an MoE layer).
   """
-  embedding = cfg.vocab_size * cfg.d_model
-  head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-  final = lambda bias: 0 if cfg.placement == 'post' else _norm_size(cfg, cfg.d_model, bias=bias)
-  norms = cfg.n_layers * layer_norm_params(cfg) + final(True)
-  scale = cfg.n_layers * layer_norm_params(cfg, bias=False) + final(False)
-  matrix = cfg.n_layers * layer_matrix_params(cfg) + head
+  form = SCALE_FORMS[config.norm_spec.scale]
+  ks, ss = wiring.kernels(config), wiring.scales(config)
+  # (kind, params of one copy, copies, stack) of every param tensor
+  tensors = ([(k.role, math.prod(k.shape), k.copies, k.stack) for k in ks]
+             + [('scale', form.param_count(s.dim), s.copies, s.stack) for s in ss]
+             + [('bias', s.dim, s.copies, s.stack) for s in ss if s.bias])
+  size = lambda kind: sum(n * c for k, n, c, _ in tensors if k == kind)
+  embedding, matrix, scale = size(roles.EMBEDDING), size(roles.MATRIX), size('scale')
+  norms = scale + size('bias')
   total = embedding + matrix + norms
-  active = (embedding + head + final(True) + cfg.n_layers * (
-      layer_matrix_params(cfg, active=True) + layer_norm_params(cfg, active=True)))
-  return dict(total=total, embedding=embedding, head=head, matrix=matrix, norm=norms,
-              scale=scale, non_embedding=total - embedding, active=active)
+  return dict(total=total, embedding=embedding,
+              head=sum(k.size for k in ks if k.path == wiring.HEAD), matrix=matrix,
+              norm=norms, scale=scale, non_embedding=total - embedding,
+              active=sum(n * _active(config, c, st) for _, n, c, st in tensors))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token under the convention in the module docstring."""
-  matmul = cfg.n_layers * layer_matrix_params(cfg, active=True) + cfg.vocab_size * cfg.d_model
-  attention = 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
+  layers = sum(math.prod(k.shape) * _active(config, k.copies, k.stack)
+               for k in wiring.kernels(config) if 'layers' in k.stack)
+  matmul = layers + config.vocab_size * config.d_model  # the head, tied or not
+  attention = 12 * config.n_layers * config.n_heads * config.resolved_head_dim * seq_len
   return 6.0 * matmul + attention

@@ -14,12 +14,13 @@ from flax import nnx
 
 from scalejax.model import moe
 from scalejax.core import roles, sharding
-from scalejax.model.layers import Attention, Embed, Linear, MLP
+from scalejax.model.layers import Attention, Embed, Linear, MLP, input_branches
 from scalejax.model.config import REMAT_POLICIES, ModelConfig
 from scalejax.scales.norms import Norm
 
-# model.mlp -> (module, names of the linear maps its pre-norm feeds: one HG branch each)
-MLP_MODULES = {'dense': (MLP, ('gate', 'up')), 'moe': (moe.MoE, moe.MoE.BRANCHES)}
+# model.mlp -> module; its BRANCHES name the linear maps its pre-norm feeds (one HG
+# branch each). What feeds what is described in model/wiring.py.
+MLP_MODULES = {'dense': MLP, 'moe': moe.MoE}
 RESIDUAL = ('act_batch', 'act_seq', 'act_embed')
 
 
@@ -35,26 +36,28 @@ class Block(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     spec, d = config.norm_spec, config.d_model
     self.placement = config.placement
-    self.attn_norm = Norm(spec, d, roles.INPUT_SCALE, branches=('q', 'k', 'v') if config.hg else ('scale',))
+    self.attn_norm = Norm(spec, d, roles.INPUT_SCALE, branches=input_branches(Attention, config.hg))
     self.attn = Attention(config, rngs=rngs)
-    mlp_cls, self.mlp_branches = MLP_MODULES[config.mlp]
-    self.mlp_norm = Norm(spec, d, roles.INPUT_SCALE, branches=self.mlp_branches if config.hg else ('scale',))
+    mlp_cls = MLP_MODULES[config.mlp]
+    self.mlp_norm = Norm(spec, d, roles.INPUT_SCALE, branches=input_branches(mlp_cls, config.hg))
     self.mlp = mlp_cls(config, rngs=rngs)
+    self.n_attn_inputs, self.n_mlp_inputs = len(Attention.BRANCHES), len(mlp_cls.BRANCHES)
     sandwich = config.placement == 'sandwich'
     self.attn_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
     self.mlp_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
 
   def __call__(self, x_BxLxD, positions_L):
     """Returns (x, aux): aux holds the MoE router statistics ({} for a dense MLP)."""
-    k = len(self.mlp_branches)
+    k = self.n_mlp_inputs
     if self.placement == 'post':
-      x = self.attn_norm(x_BxLxD + self.attn(x_BxLxD, x_BxLxD, x_BxLxD, positions_L))
+      a = self.attn(*_branches(x_BxLxD, self.n_attn_inputs), positions_L)
+      x = self.attn_norm(x_BxLxD + a)
       m, aux = _with_aux(self.mlp(*_branches(x, k)))
       return self.mlp_norm(x + m), aux
-    h = _feed(self.attn_norm, x_BxLxD, self.attn, 3)
+    h = feed(self.attn_norm, x_BxLxD, self.attn, self.n_attn_inputs)
     a = self.attn(*h, positions_L)
     x = x_BxLxD + (a if self.attn_out_norm is None else self.attn_out_norm(a))
-    m, aux = _with_aux(self.mlp(*_feed(self.mlp_norm, x, self.mlp, k)))
+    m, aux = _with_aux(self.mlp(*feed(self.mlp_norm, x, self.mlp, k)))
     return x + (m if self.mlp_out_norm is None else self.mlp_out_norm(m)), aux
 
 
@@ -66,7 +69,7 @@ def _with_aux(out):
   return out if isinstance(out, tuple) else (out, {})
 
 
-def _feed(norm, x, module, k):
+def feed(norm, x, module, k):
   """The norm's k branch inputs for `module`, as `norms.Scaled` when the module folds
   scales into its kernels (`folds_scales`), else as arrays."""
   return _branches(norm.scaled(x) if getattr(module, 'folds_scales', False) else norm(x), k)

@@ -14,6 +14,17 @@ from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale
 DUAL_MODES = ('none', 'dp', 'dnp')
 
 
+def dual_mode(config: ModelConfig, name: str) -> str:
+  """The DP/DNP placement around the linear map `name` ('none' unless a dual target)."""
+  return config.dual if name in config.dual_targets else 'none'
+
+
+def input_branches(module_cls, hg: bool) -> tuple[str, ...]:
+  """Branches of the norm in front of `module_cls`: under HG one per linear map it
+  feeds (`module_cls.BRANCHES`, in the order its call takes them), else one shared."""
+  return tuple(module_cls.BRANCHES) if hg else ('scale',)
+
+
 class Linear(nnx.Module):
   """y = x @ W, optionally followed by an output-side scale (DP) or norm (DNP).
 
@@ -86,12 +97,13 @@ def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float) -> jax.Arra
 class Attention(nnx.Module):
   """Causal multi-head / grouped-query attention with RoPE and optional QK-norm."""
   folds_scales = True  # xq, xk, xv may be `norms.Scaled`: only Linear maps read them
+  BRANCHES = ('q', 'k', 'v')  # the maps the input norm feeds, in call order
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = config.d_model, config.n_heads, config.resolved_n_kv_heads, config.resolved_head_dim
     self.n_heads, self.n_kv, self.h, self.theta = n, k, h, config.rope_theta
     self.impl = config.attention_impl or None
-    dual = lambda name: config.dual if name in config.dual_targets else 'none'
+    dual = lambda name: dual_mode(config, name)
     spec = config.norm_spec
     self.q = Linear(d, n * h, ('embed', 'heads'), rngs=rngs, dual=dual('q'), norm=spec)
     self.k = Linear(d, k * h, ('embed', 'kv_heads'), rngs=rngs, dual=dual('k'), norm=spec)
@@ -115,10 +127,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x_g)) * up(x_u)); x_g and x_u differ only under HG."""
   folds_scales = True  # xg, xu may be `norms.Scaled`: only Linear maps read them
+  BRANCHES = ('gate', 'up')  # the maps the input norm feeds, in call order
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, f, spec = config.d_model, config.resolved_d_ff, config.norm_spec
-    dual = lambda name: config.dual if name in config.dual_targets else 'none'
+    dual = lambda name: dual_mode(config, name)
     self.gate = Linear(d, f, ('embed', 'mlp'), rngs=rngs, dual=dual('gate'), norm=spec)
     self.up = Linear(d, f, ('embed', 'mlp'), rngs=rngs, dual=dual('up'), norm=spec)
     self.down = Linear(f, d, ('mlp', 'embed'), rngs=rngs, std=config.out_std)

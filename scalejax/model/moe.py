@@ -41,7 +41,7 @@ AUX_KEYS = ('moe_lb_loss', 'moe_z_loss', 'moe_drop_frac')
 
 
 class MoE(nnx.Module):
-  BRANCHES = ('gate', 'up', 'router')
+  BRANCHES = ('gate', 'up', 'router')  # the maps the input norm feeds, in call order
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, n = config.d_model, config.moe_experts

@@ -104,6 +104,18 @@ class _Form(nnx.Module):
   def _read(self, p: Param, init: float) -> jax.Array:
     return p[...] + init if self.storage == 'delta' else p[...]
 
+  @classmethod
+  def param_count(cls, dim: int) -> int:
+    """Params of one form of width `dim`. Counted from an abstract construction, so a
+    new form is counted right without declaring anything (storage changes no shape)."""
+    return _param_count(cls, dim)
+
+
+@functools.cache
+def _param_count(form_cls: type[_Form], dim: int) -> int:
+  form = nnx.eval_shape(lambda: form_cls(dim, roles.INPUT_SCALE, 'direct'))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(form, nnx.Param)))
+
 
 class NoScale(_Form):
   def __call__(self):

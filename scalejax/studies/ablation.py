@@ -1,16 +1,17 @@
-"""The ablation harness: a named suite of variants over seeds, optimizers and schedules.
+r"""The ablation harness: a named suite of variants over seeds, optimizers and schedules.
 
     python -m scalejax.studies.ablation --config configs/shakespeare_char.py --suite paper \
         --seeds 0,1,2 --optimizers adamw,muon --schedules cosine,wsd \
         --out runs/study_shakespeare [--parallel 2] [--set train.steps=500 ...]
 
-Each trial is its own `train.py` process writing into OUT/trials/<id>/. Rerunning the
-same command resumes the suite: finished trials are not rerun, an unfinished one resumes
-from its newest checkpoint, and a crashed trial is retried once (then reported as
-failed). Trials whose resolved configs are identical are run once and shared: e.g.
-`decay_none` and `baseline` (whose default scale decay is already 'none'), or
-`decay_iwd` and `decay_all` on a plain Pre-Norm model, whose scales are all Input-Norms. After the runs,
-OUT/results.md, OUT/summary.json and OUT/*.png hold the aggregate:
+Each trial is its own training process (`python -m scalejax.cli.train`, which `train.py`
+runs) writing into OUT/trials/<id>/. Rerunning the same command resumes the suite:
+finished trials are not rerun, an unfinished one resumes from its newest checkpoint, and
+a crashed trial is retried once (then reported as failed). Trials whose resolved configs
+are identical are run once and shared: e.g. `decay_none` and `baseline` (whose default
+scale decay is already 'none'), or `decay_iwd` and `decay_all` on a plain Pre-Norm
+model, whose scales are all Input-Norms. After the runs, OUT/results.md,
+OUT/summary.json and OUT/*.png hold the aggregate:
 
   * per variant: mean and sample std (ddof=1) over seeds of the final eval loss;
   * the paired difference to `baseline` of the same (optimizer, schedule, lr, placement)
@@ -22,7 +23,6 @@ OUT/results.md, OUT/summary.json and OUT/*.png hold the aggregate:
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import functools
@@ -37,11 +37,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from absl import flags
 
+from scalejax.cli import common
 from scalejax.scales import variants as variants_lib
 
 BASELINE = 'baseline'
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository (scalejax/studies/ablation.py is three levels down): trials run there.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # --- suites ---------------------------------------------------------------------
@@ -99,7 +102,7 @@ class Trial:
   optimizer: str
   schedule: str
   lr: float | None          # None: the config's
-  overrides: tuple           # ((key, value), ...) passed to train.py as --config.KEY=VALUE
+  overrides: tuple           # ((key, value), ...) passed to training as --config.KEY=VALUE
 
   @property
   def placement(self) -> str:
@@ -200,7 +203,7 @@ def _cli_value(v) -> str:
 
 
 def train_command(config_path: str, workdir: str, trial: Trial) -> list[str]:
-  cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={config_path}',
+  cmd = [sys.executable, '-m', 'scalejax.cli.train', f'--config={config_path}',
          f'--workdir={workdir}']
   cmd += [f'--config.{k}={_cli_value(v)}' for k, v in trial.overrides]
   return cmd
@@ -411,48 +414,52 @@ def report(trials, dirs, out: str, header: str = '') -> dict:
 
 # --- command line -----------------------------------------------------------------
 
-def _csv(cast):
-  return lambda s: [cast(x) for x in s.split(',') if x]
+def define_flags(fv: flags.FlagValues) -> None:
+  # A path, not a config flag: every trial loads the file itself, and the overrides it
+  # shares go through --set so that each trial records them.
+  flags.DEFINE_string('config', None, 'config file, e.g. configs/shakespeare_char.py',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'output folder (resumable)', flag_values=fv)
+  flags.DEFINE_enum('suite', 'paper', sorted(SUITES), 'the named suite of variants',
+                    flag_values=fv)
+  flags.DEFINE_list('variants', None, 'comma list, a subset of the suite (default: all of it)',
+                    flag_values=fv)
+  common.define_list('seeds', [0, 1, 2], 'comma list of seeds', flag_values=fv)
+  flags.DEFINE_list('optimizers', ['adamw'], 'comma list of optimizer.name values',
+                    flag_values=fv)
+  flags.DEFINE_list('schedules', ['cosine'], 'comma list of optimizer.schedule values',
+                    flag_values=fv)
+  common.define_list('lrs', None, 'comma list of learning rates (default: the config\'s)',
+                     item=float, flag_values=fv)
+  flags.DEFINE_integer('parallel', 1, 'trials run at once', flag_values=fv)
+  flags.DEFINE_multi_string('set', [], 'config override KEY=VALUE for every trial, repeated: '
+                            '--set train.steps=300 --set train.eval_every=60', flag_values=fv)
+  flags.DEFINE_bool('aggregate_only', False, 'only rebuild the report', flag_values=fv)
+  flags.mark_flags_as_required(['config', 'out'], flag_values=fv)
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog='python -m scalejax.studies.ablation', description=__doc__.split('\n')[0])
-  p.add_argument('--config', required=True, help='config file, e.g. configs/shakespeare_char.py')
-  p.add_argument('--out', required=True, help='output folder (resumable)')
-  p.add_argument('--suite', default='paper', choices=sorted(SUITES))
-  p.add_argument('--variants', type=_csv(str), default=None,
-                 help='comma list, a subset of the suite (default: all of it)')
-  p.add_argument('--seeds', type=_csv(int), default=[0, 1, 2])
-  p.add_argument('--optimizers', type=_csv(str), default=['adamw'])
-  p.add_argument('--schedules', type=_csv(str), default=['cosine'])
-  p.add_argument('--lrs', type=_csv(float), default=[None],
-                 help='comma list of learning rates (default: the config\'s)')
-  p.add_argument('--parallel', type=int, default=1, help='trials run at once')
-  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override for every trial, e.g. --set train.steps=300')
-  p.add_argument('--aggregate_only', action='store_true', help='only rebuild the report')
-  return p.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
+  common.no_arguments(argv)
   from scalejax.train import optim
-  for name, valid in ((args.optimizers, optim.OPTIMIZERS), (args.schedules, optim.SCHEDULES)):
-    bad = [n for n in name if n not in valid]
+  for names, valid in ((fv.optimizers, optim.OPTIMIZERS), (fv.schedules, optim.SCHEDULES)):
+    bad = [n for n in names if n not in valid]
     if bad:
-      raise SystemExit(f'unknown {bad}; valid: {", ".join(valid)}')
-  suite = SUITES[args.suite]
-  variants = args.variants or list(suite)
+      raise ValueError(f'unknown {bad}; valid: {", ".join(valid)}')
+  suite = SUITES[fv.suite]
+  variants = fv.variants or list(suite)
   if BASELINE not in variants:
     variants = [BASELINE] + variants  # every difference needs its reference
   for tag in sorted({v.split('@')[1] for v in variants if '@' in v}):
     if f'{BASELINE}@{tag}' not in variants:  # e.g. X@post compares with baseline@post
       variants.append(f'{BASELINE}@{tag}')
-  config_path = os.path.abspath(args.config)
-  trials = make_trials(suite, variants, args.seeds, args.optimizers, args.schedules, args.lrs,
-                       parse_sets(args.set))
+  config_path = os.path.abspath(fv.config)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'--config {fv.config}: no such config file')
+  trials = make_trials(suite, variants, fv.seeds, fv.optimizers, fv.schedules,
+                       fv.lrs or [None], parse_sets(fv.set))
   base_cfg = load_config(config_path)
-  trial_root = os.path.join(args.out, 'trials')
+  out = os.path.abspath(fv.out)  # the trials run in ROOT, wherever this was started
+  trial_root = os.path.join(out, 'trials')
   first_dir, dirs = {}, {}
   for t in trials:  # identical resolved configs share one run folder
     key = resolved_key(base_cfg, t)
@@ -460,8 +467,8 @@ def main(argv=None) -> dict:
   unique = {}
   for t in trials:
     unique.setdefault(dirs[t], t)
-  os.makedirs(args.out, exist_ok=True)
-  if not args.aggregate_only:
+  os.makedirs(out, exist_ok=True)
+  if not fv.aggregate_only:
     todo = [(d, t) for d, t in unique.items() if not os.path.exists(os.path.join(d, 'result.json'))]
     print(f'{len(trials)} trials, {len(unique)} distinct runs, {len(todo)} to run', flush=True)
 
@@ -473,14 +480,18 @@ def main(argv=None) -> dict:
       print(f'{os.path.basename(d)}: {state}', flush=True)
       return r
 
-    with ThreadPoolExecutor(max(args.parallel, 1)) as pool:
+    with ThreadPoolExecutor(max(fv.parallel, 1)) as pool:
       list(pool.map(go, todo))
-  header = (f'Suite `{args.suite}` on `{os.path.relpath(config_path, ROOT)}`; seeds '
-            f'{args.seeds}; overrides: {" ".join(args.set) or "none"}.')
-  rep = report(trials, dirs, args.out, header)
+  header = (f'Suite `{fv.suite}` on `{os.path.relpath(config_path, ROOT)}`; seeds '
+            f'{fv.seeds}; overrides: {" ".join(fv.set) or "none"}.')
+  rep = report(trials, dirs, out, header)
   print(rep['table'])
   return rep
 
 
+def run() -> None:
+  common.run(main, define_flags, __doc__)
+
+
 if __name__ == '__main__':
-  main()
+  run()

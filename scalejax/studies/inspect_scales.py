@@ -17,10 +17,11 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from flax import nnx
 
+from scalejax.cli import common
 from scalejax.train.checkpoint import steps as ckpt_steps
 from scalejax.studies.common import parse_runs
 from scalejax.train.runs import load_run
@@ -196,25 +197,30 @@ def write_outputs(runs: dict[str, dict], out: str) -> list[str]:
   return paths
 
 
-FLAGS = flags.FLAGS
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('runs', None, 'label=workdir[,label=workdir...] of train.py runs',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'output directory', flag_values=fv)
+  common.define_list('steps', [], 'comma-separated checkpoint steps (default: all kept)',
+                     flag_values=fv)
+  flags.DEFINE_bool('print_report', True, 'print report.md to stdout', flag_values=fv)
+  flags.mark_flags_as_required(['runs', 'out'], flag_values=fv)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.no_arguments(argv)
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs each restore, twice
-  steps = [int(s) for s in FLAGS.steps.split(',') if s] or None
-  runs = {label: inspect_run(workdir, steps) for label, workdir in parse_runs(FLAGS.runs).items()}
-  paths = write_outputs(runs, FLAGS.out)
-  if FLAGS.print_report:
+  steps = fv.steps or None
+  runs = {label: inspect_run(workdir, steps) for label, workdir in parse_runs(fv.runs).items()}
+  paths = write_outputs(runs, fv.out)
+  if fv.print_report:
     print(report(runs))
   print('wrote ' + ', '.join(paths))
 
 
+def run() -> None:
+  common.run(main, define_flags, __doc__)
+
+
 if __name__ == '__main__':
-  flags.DEFINE_string('runs', None, 'label=workdir[,label=workdir...] of train.py runs')
-  flags.DEFINE_string('out', None, 'output directory')
-  flags.DEFINE_string('steps', '', 'comma-separated checkpoint steps (default: all kept)')
-  flags.DEFINE_bool('print_report', True, 'print report.md to stdout')
-  flags.mark_flags_as_required(['runs', 'out'])
-  app.run(main)
+  run()

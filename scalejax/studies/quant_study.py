@@ -1,4 +1,4 @@
-"""Post-training quantization study: eval loss per mode and format against float32.
+r"""Post-training quantization study: eval loss per mode and format against float32.
 
     python -m scalejax.studies.quant_study --runs baseline=DIR,unified=DIR --out DIR \
         [--formats int8,fp8,int4,int3,int2] [--modes all,except_scales,...] \
@@ -20,10 +20,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from flax import nnx
 
+from scalejax.cli import common
 from scalejax.core import roles as R
 from scalejax.train.checkpoint import steps as ckpt_steps
 from scalejax.data import build_data
@@ -33,8 +34,7 @@ from scalejax.studies.common import parse_runs
 from scalejax.train.runs import load_run
 
 
-def _list(spec: str, valid, what: str) -> list[str]:
-  items = [s for s in spec.split(',') if s]
+def _checked(items: list[str], valid, what: str) -> list[str]:
   bad = [s for s in items if s not in valid]
   if bad:
     raise ValueError(f'unknown {what} {bad}; valid: {", ".join(valid)}')
@@ -190,46 +190,52 @@ def plot(results: list[dict], path: str, relative_to: str | None = None) -> None
   plt.close(fig)
 
 
-FLAGS = flags.FLAGS
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('runs', '', 'label=workdir[,label=workdir...] of train.py runs',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'output directory', flag_values=fv)
+  flags.DEFINE_list('formats', list(FORMATS), 'comma-separated formats', flag_values=fv)
+  flags.DEFINE_list('modes', list(MODES), 'comma-separated modes', flag_values=fv)
+  common.define_list('group_sizes', [0, 32], 'comma-separated group sizes (0: per-channel)',
+                     flag_values=fv)
+  flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)', flag_values=fv)
+  flags.DEFINE_integer('eval_batches', 0, 'eval batches used (0: all of the run\'s)',
+                       flag_values=fv)
+  flags.DEFINE_bool('replot', False, 'rebuild results.md and the plot from OUT/results.json',
+                    flag_values=fv)
+  flags.mark_flags_as_required(['out'], flag_values=fv)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.no_arguments(argv)
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs each restore, twice
-  os.makedirs(FLAGS.out, exist_ok=True)
-  path = os.path.join(FLAGS.out, 'results.json')
-  if FLAGS.replot:
+  os.makedirs(fv.out, exist_ok=True)
+  path = os.path.join(fv.out, 'results.json')
+  if fv.replot:
     with open(path) as f:
       results = json.load(f)
   else:
-    formats = _list(FLAGS.formats, FORMATS, 'format')
-    modes = _list(FLAGS.modes, MODES, 'mode')
-    groups = [int(g) for g in FLAGS.group_sizes.split(',') if g]
+    formats = _checked(fv.formats, FORMATS, 'format')
+    modes = _checked(fv.modes, MODES, 'mode')
     results = []
-    for label, workdir in parse_runs(FLAGS.runs).items():
-      results += study_run(label, workdir, formats, modes, groups, FLAGS.step,
-                           FLAGS.eval_batches)
+    for label, workdir in parse_runs(fv.runs).items():
+      results += study_run(label, workdir, formats, modes, fv.group_sizes, fv.step,
+                           fv.eval_batches)
     with open(path, 'w') as f:
       json.dump(results, f, indent=1)
   table = markdown(results) + '\n' + contrasts(results)
-  with open(os.path.join(FLAGS.out, 'results.md'), 'w') as f:
+  with open(os.path.join(fv.out, 'results.md'), 'w') as f:
     f.write(table + '\n')
-  plot(results, os.path.join(FLAGS.out, 'quant_study.png'))
+  plot(results, os.path.join(fv.out, 'quant_study.png'))
   if 'except_scales' in {r['mode'] for r in results}:
-    plot(results, os.path.join(FLAGS.out, 'quant_vs_float_scales.png'), 'except_scales')
+    plot(results, os.path.join(fv.out, 'quant_vs_float_scales.png'), 'except_scales')
   print(table)
-  print(f'wrote {FLAGS.out}/results.json, results.md and plots')
+  print(f'wrote {fv.out}/results.json, results.md and plots')
+
+
+def run() -> None:
+  common.run(main, define_flags, __doc__)
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('runs', '', 'label=workdir[,label=workdir...] of train.py runs')
-  flags.DEFINE_string('out', None, 'output directory')
-  flags.DEFINE_string('formats', ','.join(FORMATS), 'comma-separated formats')
-  flags.DEFINE_string('modes', ','.join(MODES), 'comma-separated modes')
-  flags.DEFINE_string('group_sizes', '0,32', 'comma-separated group sizes (0: per-channel)')
-  flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest)')
-  flags.DEFINE_integer('eval_batches', 0, 'eval batches used (0: all of the run\'s)')
-  flags.DEFINE_bool('replot', False, 'rebuild results.md and the plot from OUT/results.json')
-  flags.mark_flags_as_required(['out'])
-  app.run(main)
+  run()

@@ -13,7 +13,7 @@ import json
 import os
 
 import jax
-import ml_collections
+from ml_collections import ConfigDict
 
 from scalejax import data as data_lib
 from scalejax.train import optim
@@ -21,10 +21,10 @@ from scalejax.core import sharding
 from scalejax.model.config import ModelConfig
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config() -> ConfigDict:
   model = dataclasses.asdict(ModelConfig())
   model['vocab_size'] = 0  # 0: the tokenizer's vocabulary size
-  cfg = ml_collections.ConfigDict(dict(
+  cfg = ConfigDict(dict(
       seed=0,
       model=model,
       train=dict(
@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+def load_config(path: str | os.PathLike) -> ConfigDict:
   """`get_config()` of a config file, loaded by path as `--config PATH` loads it."""
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -65,7 +65,7 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def model_config(cfg, vocab_size: int) -> ModelConfig:
+def model_config(cfg: ConfigDict, vocab_size: int) -> ModelConfig:
   """The ModelConfig for a run; the tokenizer fixes the vocabulary unless set."""
   fields = cfg.model.to_dict()
   if fields['vocab_size'] == 0:
@@ -92,7 +92,7 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                      'mesh.*', 'init_from', 'data.tfds_data_dir')
 
 
-def validate(cfg, n_devices: int | None = None) -> None:
+def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
   """Raises ValueError with one line naming the first bad value and its fix.
 
   Runs before anything is built or compiled; the mesh is checked against
@@ -157,14 +157,14 @@ def validate(cfg, n_devices: int | None = None) -> None:
                      f'*{sizes["expert"]}); use a multiple of {shards}')
 
 
-def _validate_moe(cfg) -> None:
+def _validate_moe(cfg: ConfigDict) -> None:
   """The MoE check that needs the mesh; ModelConfig checks the model.moe_* keys."""
   m, e = cfg.model, cfg.mesh.expert
   if m.mlp == 'moe' and e > 1 and m.moe_experts % e:
     raise ValueError(f'mesh.expert={e} must divide model.moe_experts={m.moe_experts}')
 
 
-def resume_changes(saved: dict, cfg) -> tuple[list[str], list[str]]:
+def resume_changes(saved: dict, cfg: ConfigDict) -> tuple[list[str], list[str]]:
   """(refused, allowed): 'key: old -> new' lines between a saved config and `cfg`.
 
   A key the saved config lacks is not a change when `cfg` holds its default (the
@@ -196,5 +196,5 @@ def _flat(d: dict, prefix: str = '') -> dict:
   return out
 
 
-def to_json(cfg) -> str:
+def to_json(cfg: ConfigDict) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)

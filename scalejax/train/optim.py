@@ -45,37 +45,40 @@ def default_config() -> ml_collections.ConfigDict:
 # --- schedules --------------------------------------------------------------------
 
 # Each entry maps (config, n steps after warmup, total steps) to the post-warmup
-# schedule, which starts at c.lr; `make_schedule` puts the linear warmup 0 -> lr in front.
+# schedule, which starts at opt_cfg.lr; `make_schedule` puts the linear warmup 0 -> lr in front.
 
-def _wsd(c, n, total):
+def _wsd(opt_cfg, n, total):
   # The decay length is a fraction of the whole run (as in Hagele et al. 2024), taken
   # out of the post-warmup steps; the stable phase holds the peak LR until then.
-  decay = min(max(int(round(total * c.decay_fraction)), 1), n)
+  decay = min(max(int(round(total * opt_cfg.decay_fraction)), 1), n)
   stable = n - decay
   return optax.join_schedules(
-      [optax.constant_schedule(c.lr),
-       optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, decay)], [stable])
+      [optax.constant_schedule(opt_cfg.lr),
+       optax.linear_schedule(opt_cfg.lr, opt_cfg.lr * opt_cfg.min_lr_ratio, decay)], [stable])
 
 
 SCHEDULES: dict[str, Callable] = {
-    'cosine': lambda c, n, total: optax.cosine_decay_schedule(c.lr, n, alpha=c.min_lr_ratio),
-    'linear': lambda c, n, total: optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, n),
-    'constant': lambda c, n, total: optax.constant_schedule(c.lr),
+    'cosine': lambda opt_cfg, n, total: optax.cosine_decay_schedule(
+        opt_cfg.lr, n, alpha=opt_cfg.min_lr_ratio),
+    'linear': lambda opt_cfg, n, total: optax.linear_schedule(
+        opt_cfg.lr, opt_cfg.lr * opt_cfg.min_lr_ratio, n),
+    'constant': lambda opt_cfg, n, total: optax.constant_schedule(opt_cfg.lr),
     'wsd': _wsd,
     # lr / sqrt(1 + s / warmup): continuous at the end of warmup, no end point needed.
-    'rsqrt': lambda c, n, total: (
-        lambda s: c.lr * jax.lax.rsqrt(1.0 + s / max(c.warmup_steps, 1))),
+    'rsqrt': lambda opt_cfg, n, total: (
+        lambda s: opt_cfg.lr * jax.lax.rsqrt(1.0 + s / max(opt_cfg.warmup_steps, 1))),
 }
 
 
-def make_schedule(c, total_steps: int) -> optax.Schedule:
-  if c.schedule not in SCHEDULES:
-    raise ValueError(f'unknown optimizer.schedule {c.schedule!r}; valid: {", ".join(SCHEDULES)}')
-  warmup = min(c.warmup_steps, max(total_steps - 1, 0))
-  after = SCHEDULES[c.schedule](c, max(total_steps - warmup, 1), total_steps)
+def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+  if opt_cfg.schedule not in SCHEDULES:
+    raise ValueError(f'unknown optimizer.schedule {opt_cfg.schedule!r}; '
+                     f'valid: {", ".join(SCHEDULES)}')
+  warmup = min(opt_cfg.warmup_steps, max(total_steps - 1, 0))
+  after = SCHEDULES[opt_cfg.schedule](opt_cfg, max(total_steps - warmup, 1), total_steps)
   if warmup == 0:
     return after
-  return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), after], [warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, opt_cfg.lr, warmup), after], [warmup])
 
 
 # --- optimizer directions ---------------------------------------------------------
@@ -86,7 +89,7 @@ def muon_labels(roles, axes):
                       roles, axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _muon(c, roles, axes):
+def _muon(opt_cfg, roles, axes):
   """Muon on hidden matrices; scales, embeddings, the LM head and biases go to Adam.
 
   The split comes from param metadata (role `matrix`, no `vocab` axis). Our linear
@@ -103,46 +106,47 @@ def _muon(c, roles, axes):
   match_adam_rms = optax.stateless(lambda u, p: jax.tree.map(
       lambda x: x * (0.2 * max(x.shape[-2:]) ** 0.5), u))
   muon = optax.chain(
-      optax.contrib.scale_by_muon(beta=c.muon_beta, weight_dimension_numbers=dims),
+      optax.contrib.scale_by_muon(beta=opt_cfg.muon_beta, weight_dimension_numbers=dims),
       match_adam_rms)
-  return optax.multi_transform({'muon': muon, 'adam': optax.scale_by_adam(c.b1, c.b2, c.eps)},
+  adam = optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps)
+  return optax.multi_transform({'muon': muon, 'adam': adam},
                                labels)
 
 
 OPTIMIZERS: dict[str, Callable] = {
-    'adamw': lambda c, roles, axes: optax.scale_by_adam(c.b1, c.b2, c.eps),
-    'lion': lambda c, roles, axes: optax.scale_by_lion(c.b1, c.b2),
-    'sgd': lambda c, roles, axes: optax.trace(decay=c.momentum),
-    'adafactor': lambda c, roles, axes: optax.scale_by_factored_rms(),
+    'adamw': lambda opt_cfg, roles, axes: optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps),
+    'lion': lambda opt_cfg, roles, axes: optax.scale_by_lion(opt_cfg.b1, opt_cfg.b2),
+    'sgd': lambda opt_cfg, roles, axes: optax.trace(decay=opt_cfg.momentum),
+    'adafactor': lambda opt_cfg, roles, axes: optax.scale_by_factored_rms(),
     'muon': _muon,
 }
 
 
-def resolve_norm_decay(c, variant_default: str) -> str:
-  return variant_default if c.norm_decay == 'variant' else c.norm_decay
+def resolve_norm_decay(opt_cfg, variant_default: str) -> str:
+  return variant_default if opt_cfg.norm_decay == 'variant' else opt_cfg.norm_decay
 
 
-def role_rates(c, variant_default: str) -> dict[str, float]:
+def role_rates(opt_cfg, variant_default: str) -> dict[str, float]:
   return decay_rates(
-      resolve_norm_decay(c, variant_default), c.weight_decay,
-      embedding=None if c.embedding_decay < 0 else c.embedding_decay,
-      scale=None if c.scale_decay < 0 else c.scale_decay)
+      resolve_norm_decay(opt_cfg, variant_default), opt_cfg.weight_decay,
+      embedding=None if opt_cfg.embedding_decay < 0 else opt_cfg.embedding_decay,
+      scale=None if opt_cfg.scale_decay < 0 else opt_cfg.scale_decay)
 
 
-def build_optimizer(c, roles, axes, total_steps: int, variant_default: str = 'none'):
+def build_optimizer(opt_cfg, roles, axes, total_steps: int, variant_default: str = 'none'):
   """Returns (optax transformation, schedule, per-role decay rates)."""
-  if c.name not in OPTIMIZERS:
-    raise ValueError(f'unknown optimizer.name {c.name!r}; valid: {", ".join(OPTIMIZERS)}')
-  schedule = make_schedule(c, total_steps)
-  rates = role_rates(c, variant_default)
+  if opt_cfg.name not in OPTIMIZERS:
+    raise ValueError(f'unknown optimizer.name {opt_cfg.name!r}; valid: {", ".join(OPTIMIZERS)}')
+  schedule = make_schedule(opt_cfg, total_steps)
+  rates = role_rates(opt_cfg, variant_default)
   parts = []
-  if c.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(c.grad_clip))
-  parts.append(OPTIMIZERS[c.name](c, roles, axes))
+  if opt_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+  parts.append(OPTIMIZERS[opt_cfg.name](opt_cfg, roles, axes))
   if any(rates.values()):  # an all-zero policy has nothing to chain
     parts.append(role_weight_decay(rates, roles))
-  if c.scale_lr_mult != 1.0:
+  if opt_cfg.scale_lr_mult != 1.0:
     is_scale = jax.tree.map(lambda r: r in R.SCALE_ROLES, roles)
-    parts.append(optax.masked(optax.scale(c.scale_lr_mult), is_scale))
+    parts.append(optax.masked(optax.scale(opt_cfg.scale_lr_mult), is_scale))
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts), schedule, rates

@@ -16,7 +16,7 @@ from scalejax.train import config as config_lib
 
 
 def load_run(workdir: str, step: int | None = None):
-  """(config, graphdef, params, tokenizer) from a run directory's newest (or `step`'s) checkpoint."""
+  """(cfg, graphdef, params, tokenizer) of a workdir's newest checkpoint (or `step`'s)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} a scalejax workdir?')

@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from ml_collections import ConfigDict
 import optax
 from flax import nnx
 from tqdm import tqdm
@@ -24,7 +25,8 @@ from scalejax.core import roles, sharding
 from scalejax.model.counting import flops_per_token, param_counts
 from scalejax.model.decoder import build_model, cross_entropy
 from scalejax.train.optim import build_optimizer, make_schedule, resolve_norm_decay
-from scalejax.analysis.scale_stats import (precond_means, preconditioner_statistics, role_means, scale_statistics)
+from scalejax.analysis.scale_stats import (precond_means, preconditioner_statistics, role_means,
+                                           scale_statistics)
 from scalejax.scales.weight_decay import decay_table
 
 log = logging.getLogger('scalejax')
@@ -46,7 +48,7 @@ class Run:
   data: data_lib.Data
 
 
-def build_run(cfg, workdir: str | None, devices=None, abstract: bool = False
+def build_run(cfg: ConfigDict, workdir: str | None, devices=None, abstract: bool = False
               ) -> tuple[Run, dict]:
   """Returns the run and a freshly initialised (sharded) train state.
 
@@ -146,7 +148,7 @@ def _abstract(state, shardings):
                       state, shardings)
 
 
-def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
+def train(cfg: ConfigDict, workdir: str, stop_at: int | None = None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final metrics.
 
   SIGTERM/SIGINT end the run after the current step with a checkpoint saved; the
@@ -158,7 +160,7 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   distributed.maybe_initialize()  # before anything touches a JAX backend
   config_lib.validate(cfg)  # bad input fails here: nothing is written or compiled yet
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  make_workdir(workdir)
   mngr = ckpt.manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
   try:
     check_workdir_config(cfg, workdir, mngr.latest_step())
@@ -179,7 +181,29 @@ def train(cfg, workdir: str, stop_at: int | None = None) -> dict:
   return final
 
 
-def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
+def make_workdir(workdir: str) -> None:
+  """Creates `workdir` (and its parents); a path that cannot be a directory is a
+  ValueError naming it and the fix, before anything is written."""
+  if not workdir:
+    raise ValueError('--workdir is empty; name a directory for the run')
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'--workdir {workdir} is an existing file, not a directory; '
+                     'pick another --workdir (or move the file away)')
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f'--workdir {workdir} lies under {parent}, which is a file; '
+                     'pick a --workdir whose parents are directories')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir} cannot be created ({e.strerror}); '
+                     'pick a writable location') from None
+
+
+def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> dict:
   run, state = build_run(cfg, workdir)
   found = ckpt.restore_latest(mngr, _abstract(state, run.state_shardings), workdir,
                              cfg.optimizer.name,
@@ -236,11 +260,9 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
     # summary scalars come to the host, and only process 0's writer writes.
     stats = scale_statistics(state['params'], run.roles, run.axes)
     if stats:
-      # The preconditioner map (scale_stats.FEEDS) covers dense Pre-Norm/sandwich models;
-      # MoE experts and Post-Norm's residual-stream scales have no such map yet.
-      has_map = run.model_cfg.mlp == 'dense' and run.model_cfg.placement != 'post'
-      precond = (preconditioner_statistics(nnx.merge(run.graphdef, state['params']))
-                 if has_map else {})
+      # Empty for Post-Norm: its input-role scales also feed the residual stream
+      # (model/wiring.py), so the preconditioner formula does not apply as stated.
+      precond = preconditioner_statistics(nnx.merge(run.graphdef, state['params']))
       writer.write({'step': step, 'scales': stats, 'precond': precond}, name='scale_stats')
       writer.write({'step': step, **role_means(stats), **precond_means(precond)},
                    name='scales')
@@ -300,7 +322,7 @@ def _train(cfg, workdir, stop_at, mngr, stop_request, is_main) -> dict:
   return final
 
 
-def check_workdir_config(cfg, workdir: str, checkpoint_step: int | None) -> None:
+def check_workdir_config(cfg: ConfigDict, workdir: str, checkpoint_step: int | None) -> None:
   """Refuses to resume a workdir whose config.json differs in what is trained.
 
   Differences in RESUMABLE_CHANGES (train.steps, logging, checkpointing, mesh ...) are

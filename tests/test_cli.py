@@ -1,0 +1,135 @@
+"""Every command: one CLI style (absl flags defined at run time), `--help`, one-line errors."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from absl import flags
+
+from scalejax.cli import common
+
+ROOT = Path(__file__).parents[1]
+
+# module -> the flags its --help must name
+COMMANDS = {
+    'scalejax.cli.train': ('config', 'workdir'),
+    'scalejax.cli.sample': ('workdir', 'prompt', 'tokens', 'temperature', 'top_k', 'seed'),
+    'scalejax.cli.param_report': ('config',),
+    'scalejax.cli.aot': ('config', 'topology', 'json', 'fusion'),
+    'scalejax.cli.bench': ('config', 'variants', 'rounds', 'steps', 'warmup', 'call', 'json',
+                           'nanogpt_torch'),
+    'scalejax.cli.train_spm': ('input', 'vocab_size', 'model_prefix', 'model_type',
+                               'byte_fallback', 'input_sentence_size'),
+    'scalejax.studies.ablation': ('config', 'out', 'suite', 'variants', 'seeds', 'optimizers',
+                                  'schedules', 'lrs', 'parallel', 'set', 'aggregate_only'),
+    'scalejax.studies.quant_study': ('runs', 'out', 'formats', 'modes', 'group_sizes', 'step',
+                                     'eval_batches', 'replot'),
+    'scalejax.studies.inspect_scales': ('runs', 'out', 'steps', 'print_report'),
+}
+
+# argv -> (the program named in the error, what the one line must say); train.py's own
+# errors are tests/test_validation.py's.
+BAD_INPUT = {
+    ('-m', 'scalejax.cli.bench', '--rounds=many'):
+        ('scalejax.cli.bench', 'flag --rounds=many: invalid literal for int()'),
+    ('-m', 'scalejax.studies.ablation', '--config', 'configs/tiny.py', '--out', 'x',
+     '--seeds', '0,x'): ('scalejax.studies.ablation', 'flag --seeds=0,x: invalid literal'),
+    ('-m', 'scalejax.studies.ablation', '--out', 'x'):
+        ('scalejax.studies.ablation', 'flag --config=None: Flag --config must have a value'),
+    ('-m', 'scalejax.cli.aot'): ('scalejax.cli.aot', '--config is required (or --fusion)'),
+}
+
+
+def _start(*args):
+  # JAX_PLATFORMS: no probing for accelerators, whose warnings would add stderr lines.
+  return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope='module')
+def finished():
+  """Every --help and bad-input run, started at once: each pays JAX's import alone."""
+  runs = [('-m', m, '--help') for m in COMMANDS] + list(BAD_INPUT)
+  procs = {argv: _start(*argv) for argv in runs}
+  done = {}
+  for argv, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    done[argv] = (proc.returncode, out, err)
+  return done
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize('module', COMMANDS)
+def test_help_exits_0_and_names_the_flags(finished, module):
+  rc, out, err = finished['-m', module, '--help']
+  assert rc == 0, err[-2000:]
+  doc = importlib.import_module(module).__doc__
+  assert out.startswith(doc.splitlines()[0]) and '\nflags:\n' in out
+  for name in COMMANDS[module]:
+    assert f'--{name}:' in out or f'--[no]{name}:' in out, (module, name)
+  assert '--verbosity' not in out  # the command's own flags, not absl's
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize('argv', BAD_INPUT, ids=' '.join)
+def test_bad_input_is_one_line_and_exit_1(finished, argv):
+  rc, _, err = finished[argv]
+  prog, says = BAD_INPUT[argv]
+  lines = err.strip().splitlines()
+  assert rc == 1, err[-2000:]
+  assert len(lines) == 1 and lines[0].startswith(f'{prog}: error: '), err[-2000:]
+  assert says in lines[0], lines[0]
+
+
+def test_importing_every_command_defines_no_flag():
+  modules = [importlib.import_module(m) for m in COMMANDS]  # no DuplicateFlagError
+  ours = {name for names in COMMANDS.values() for name in names}
+  assert not ours & set(flags.FLAGS)
+  for module in modules:  # each command's flags, on a FlagValues of its own
+    fv = flags.FlagValues()
+    module.define_flags(fv)
+    assert set(COMMANDS[module.__name__]) == set(fv), module.__name__
+    assert callable(module.main) and callable(module.run)
+
+
+def test_console_scripts_name_the_commands():
+  scripts = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['scripts']
+  targets = {}
+  for target in scripts.values():
+    module, _, fn = target.partition(':')
+    assert fn == 'run', target
+    targets[module] = importlib.import_module(module)
+  assert set(targets) == set(COMMANDS)
+
+
+def test_no_command_imports_another():
+  for module in COMMANDS:
+    path = ROOT / (module.replace('.', '/') + '.py')
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        imported |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
+      elif isinstance(node, ast.Import):
+        imported |= {a.name for a in node.names}
+    assert not (imported & set(COMMANDS)) - {module}, (module, imported & set(COMMANDS))
+
+
+def test_list_flags_convert_their_items():
+  def define(fv):
+    common.define_list('seeds', [0, 1, 2], 'seeds', flag_values=fv)
+    common.define_list('lrs', None, 'lrs', item=float, flag_values=fv)
+
+  fv = common.parse_flags(define, [])
+  assert fv.seeds == [0, 1, 2] and fv.lrs is None
+  fv = common.parse_flags(define, ['--seeds', '3,4', '--lrs=1e-3,2e-3'])
+  assert fv.seeds == [3, 4] and fv.lrs == [1e-3, 2e-3]
+  with pytest.raises(flags.IllegalFlagValueError, match="--seeds=1,b"):
+    common.parse_flags(define, ['--seeds=1,b'])
