@@ -1,5 +1,6 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -9,6 +10,11 @@ from scalejax.core import roles
 from scalejax.train.config import load_config
 
 ROOT = Path(__file__).parents[1]
+# Tests compile hundreds of small programs and run each for a few steps: LLVM's -O0
+# roughly halves XLA:CPU's compile time of a train step and changes nothing the tests
+# check (a run is compared with runs compiled the same way). conftest.py sets it for the
+# whole session, subprocesses included.
+FAST_COMPILE = '--xla_backend_optimization_level=0'
 SHAKESPEARE = ROOT / 'data' / 'tinyshakespeare.txt'  # ships with the repository
 
 
@@ -28,3 +34,25 @@ def randomize_scales(module, seed=1):
     return v
   jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   nnx.update(module, state)
+
+
+def child_xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a subprocess: the session's flags, with `devices` emulated CPU devices."""
+  own = f' --xla_force_host_platform_device_count={devices}' if devices else ''
+  return (os.environ.get('XLA_FLAGS', FAST_COMPILE) + own).strip()
+
+
+def run_command_lines(cases: list[list[str]], env: dict | None = None) -> list[dict]:
+  """[{'rc', 'stdout', 'stderr'}] of each command line, all run in one fresh Python
+  process from the repository's top (tests/_cli_driver.py says how)."""
+  import json, subprocess, sys, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  with tempfile.TemporaryDirectory() as tmp:
+    cases_path, results_path = os.path.join(tmp, 'cases.json'), os.path.join(tmp, 'out.json')
+    with open(cases_path, 'w') as f:
+      json.dump(cases, f)
+    proc = subprocess.run([sys.executable, str(ROOT / 'tests' / '_cli_driver.py'), cases_path,
+                           results_path], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(results_path) as f:
+      return json.load(f)

@@ -1,4 +1,7 @@
-"""Suite-wide settings: one persistent XLA compilation cache for every test.
+"""Suite-wide settings: fast XLA:CPU compiles and one persistent compilation cache.
+
+The README's command runs the suite on two pytest-xdist workers, one test file per
+worker at a time (`--dist loadfile`, so a module's fixtures are built once).
 
 Most tests train the same tiny programs again and again (a run, its resumed twin, a
 subprocess that is killed and rerun); each distinct program compiles once per test
@@ -15,6 +18,12 @@ import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from _util import FAST_COMPILE
+
+# Read when the CPU backend starts, which is after this: set at import, not in a fixture.
+if FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE}'.strip()
+
 _SETTINGS = {
     'jax_persistent_cache_min_compile_time_secs': 0,
     'jax_persistent_cache_min_entry_size_bytes': 0,
@@ -23,8 +32,14 @@ _SETTINGS = {
 
 @pytest.fixture(scope='session', autouse=True)
 def compile_once(tmp_path_factory):
-  settings = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('xla_cache')),
-              **_SETTINGS}
+  # Under pytest-xdist every worker's base directory sits in one session directory:
+  # the workers share the cache there (JAX writes each entry once, under its key).
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    cache = tmp_path_factory.getbasetemp().parent / 'xla_cache'
+    cache.mkdir(exist_ok=True)
+  else:
+    cache = tmp_path_factory.mktemp('xla_cache')
+  settings = {'jax_compilation_cache_dir': str(cache), **_SETTINGS}
   before = {k: getattr(jax.config, k) for k in settings}
   env_before = {k.upper(): os.environ.get(k.upper()) for k in settings}
   for k, v in settings.items():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from scalejax.cli import aot, param_report
-from _util import tiny_config
+from _util import tiny_config, child_xla_flags
 
 ROOT = Path(__file__).parents[1]
 from scalejax.train import presets
@@ -25,12 +25,11 @@ HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 needs_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason='libtpu not installed: pip install "jax[tpu]==0.10.2" to compile '
                            'for TPU topologies on this machine')
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 
 def _run(*args, devices=1, extra_env=None):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}',
+             XLA_FLAGS=child_xla_flags(devices),
              **(extra_env or {}))
   out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)

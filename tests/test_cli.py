@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import importlib
 import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -14,6 +11,8 @@ import pytest
 from absl import flags
 
 from scalejax.cli import common
+
+from _util import run_command_lines
 
 ROOT = Path(__file__).parents[1]
 
@@ -47,23 +46,14 @@ BAD_INPUT = {
 }
 
 
-def _start(*args):
-  # JAX_PLATFORMS: no probing for accelerators, whose warnings would add stderr lines.
-  return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 @pytest.fixture(scope='module')
 def finished():
-  """Every --help and bad-input run, started at once: each pays JAX's import alone."""
+  """Every --help and bad-input command line, run one after another in one process
+  (tests/_cli_driver.py: each as `python ARGV` would run it, JAX imported once)."""
   runs = [('-m', m, '--help') for m in COMMANDS] + list(BAD_INPUT)
-  procs = {argv: _start(*argv) for argv in runs}
-  done = {}
-  for argv, proc in procs.items():
-    out, err = proc.communicate(timeout=300)
-    done[argv] = (proc.returncode, out, err)
-  return done
+  # JAX_PLATFORMS: no probing for accelerators, whose warnings would add stderr lines.
+  results = run_command_lines([list(r) for r in runs], env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  return {argv: (r['rc'], r['stdout'], r['stderr']) for argv, r in zip(runs, results)}
 
 
 @pytest.mark.subprocess
@@ -108,18 +98,6 @@ def test_console_scripts_name_the_commands():
     assert fn == 'run', target
     targets[module] = importlib.import_module(module)
   assert set(targets) == set(COMMANDS)
-
-
-def test_no_command_imports_another():
-  for module in COMMANDS:
-    path = ROOT / (module.replace('.', '/') + '.py')
-    imported = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-      if isinstance(node, ast.ImportFrom) and node.module:
-        imported |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
-      elif isinstance(node, ast.Import):
-        imported |= {a.name for a in node.names}
-    assert not (imported & set(COMMANDS)) - {module}, (module, imported & set(COMMANDS))
 
 
 def test_list_flags_convert_their_items():

@@ -24,7 +24,7 @@ from scalejax.train import checkpoint as ckpt
 from scalejax.train import nonfinite, preemption
 from scalejax.core import sharding
 from scalejax.train import trainer
-from _util import tiny_config
+from _util import tiny_config, child_xla_flags
 
 ROOT = Path(__file__).parents[1]
 
@@ -321,7 +321,7 @@ def test_restore_on_a_different_mesh_reshards(reference, tmp_path):
   """Saved on 1 device, restored on 8 emulated ones (data 2 x fsdp 2 x tensor 2)."""
   _, ref_dir, ref_state = reference
   shutil.copytree(ref_dir, tmp_path / 'w')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=child_xla_flags(8),
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _RESHARD, str(tmp_path / 'w'),
                         str(tmp_path / 'restored.npz')], cwd=ROOT, env=env,

@@ -12,8 +12,9 @@ import chex
 import numpy as np
 import pytest
 
+from _util import child_xla_flags
+
 ROOT = Path(__file__).parents[1]
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 STEPS, CUT = 6, 3
 
 
@@ -55,7 +56,7 @@ def _launch_pair(workdir, stop_at):
   for pid in range(2):
     env = _env(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
                JAX_COORDINATOR_BIND_ADDRESS=f'127.0.0.1:{port}',
-               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(pid), XLA_FLAGS=FAST_COMPILE)
+               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(pid), XLA_FLAGS=child_xla_flags())
     procs.append(subprocess.Popen([sys.executable, __file__, str(workdir), str(stop_at)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True))
@@ -88,7 +89,7 @@ def runs(tmp_path_factory):
   _launch_pair(multi, CUT)      # trains to step 3, saves, exits
   _launch_pair(multi, 0)        # new processes restore step 3 and finish
   single = tmp_path_factory.mktemp('one_process')
-  env = _env(XLA_FLAGS=f'--xla_force_host_platform_device_count=2 {FAST_COMPILE}')
+  env = _env(XLA_FLAGS=child_xla_flags(2))
   out = subprocess.run([sys.executable, __file__, str(single), '0'], env=env,
                        capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -15,9 +15,10 @@ import chex
 import numpy as np
 import pytest
 
+from _util import child_xla_flags
+
 ROOT = Path(__file__).parents[1]
 # Halves XLA:CPU compile time (LLVM does less); both sides of a comparison use it.
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 # name -> (model, mesh, also run the optimizer step); d_ff, heads, vocab and experts
 # divide every mesh axis. The unified variant has every kind of scale param.
@@ -91,7 +92,7 @@ def _worker(out_dir: str) -> None:
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp('sharding')
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=8 {FAST_COMPILE}',
+  env = dict(os.environ, XLA_FLAGS=child_xla_flags(8),
              JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
   proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
                         text=True, timeout=600)

@@ -1,8 +1,6 @@
 """train.py end to end: loss falls, resume is exact, overrides are checked, sampling."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import chex
@@ -12,9 +10,8 @@ import pytest
 
 from scalejax.train import trainer
 from scalejax.scales.variants import VARIANTS
-from _util import SHAKESPEARE, tiny_config
+from _util import SHAKESPEARE, run_command_lines, tiny_config
 
-ROOT = Path(__file__).parents[1]
 
 
 def _records(workdir, key):
@@ -84,35 +81,27 @@ def test_structured_optimizer_states_train_checkpoint_and_resume(tmp_path, name)
   chex.assert_trees_all_equal(jax.device_get(resumed['state']), jax.device_get(full['state']))
 
 
-def _train_py(*args, cwd=ROOT):
-  return subprocess.run([sys.executable, 'train.py', *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=300)
-
-
 def test_unknown_and_mistyped_overrides_are_clear_errors(tmp_path):
-  out = _train_py('--config', 'configs/tiny.py', '--workdir', str(tmp_path),
-                  '--config.train.stepz=3')
-  assert out.returncode != 0 and 'stepz' in out.stderr
-  out = _train_py('--config', 'configs/tiny.py', '--workdir', str(tmp_path),
-                  '--config.train.steps=many')
-  assert out.returncode != 0 and 'steps' in out.stderr
-  out = _train_py('--config', 'configs/tiny.py', '--workdir', str(tmp_path),
-                  '--config.model.variant=fancy')
-  assert out.returncode != 0 and 'valid: baseline' in out.stderr
+  base = ['train.py', '--config', 'configs/tiny.py', '--workdir', str(tmp_path)]
+  key, typed, variant = run_command_lines([
+      base + ['--config.train.stepz=3'], base + ['--config.train.steps=many'],
+      base + ['--config.model.variant=fancy']])
+  assert key['rc'] != 0 and 'stepz' in key['stderr']
+  assert typed['rc'] != 0 and 'steps' in typed['stderr']
+  assert variant['rc'] != 0 and 'valid: baseline' in variant['stderr']
   assert not (tmp_path / 'checkpoints').exists()
 
 
 def test_train_py_then_sample_and_init_from(tmp_path):
   src = tmp_path / 'src'
-  out = _train_py('--config', 'configs/tiny.py', '--workdir', str(src),
-                  '--config.train.steps=10', '--config.train.sample_tokens=5')
-  assert out.returncode == 0, out.stderr
-  assert '--- sample ---' in out.stdout
-  sample = subprocess.run([sys.executable, '-m', 'scalejax.cli.sample', '--workdir', str(src),
-                           '--prompt', '1 2', '--tokens', '4'], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-  assert sample.returncode == 0, sample.stderr
-  assert sample.stdout.startswith('1 2')
+  out, sample = run_command_lines([  # one process, as two command lines of a shell
+      ['train.py', '--config', 'configs/tiny.py', '--workdir', str(src),
+       '--config.train.steps=10', '--config.train.sample_tokens=5'],
+      ['-m', 'scalejax.cli.sample', '--workdir', str(src), '--prompt', '1 2', '--tokens', '4']])
+  assert out['rc'] == 0, out['stderr']
+  assert '--- sample ---' in out['stdout']
+  assert sample['rc'] == 0, sample['stderr']
+  assert sample['stdout'].startswith('1 2')
 
   cfg = tiny_config()
   cfg.train.steps = 2

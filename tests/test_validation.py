@@ -2,14 +2,12 @@
 anything is compiled; through train.py it is that line on stderr and exit status 1."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from scalejax.train import config as config_lib
-from _util import tiny_config
+from _util import child_xla_flags, run_command_lines, tiny_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -131,20 +129,22 @@ def test_train_py_prints_one_error_line_and_exits_1(tmp_path):
                                f'--workdir {files["a file"]}/run lies under {files["a file"]}, '
                                'which is a file'),
   }
-  procs = {}
+  # All in one process (tests/_cli_driver.py), but the mesh case, which needs 8 devices.
+  argvs = {}
   for name, (args, _) in cases.items():
-    env = dict(os.environ)
-    if name == 'batch vs mesh':
-      env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
-    argv = [sys.executable, 'train.py', '--workdir', str(tmp_path / name.replace(' ', '_'))]
+    argv = ['train.py', '--workdir', str(tmp_path / name.replace(' ', '_'))]
     if not any(a.startswith('--config=') for a in args):
       argv += ['--config', 'configs/tiny.py']
-    procs[name] = subprocess.Popen(argv + args, cwd=ROOT, env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  for name, proc in procs.items():
-    out, err = proc.communicate(timeout=300)
+    argvs[name] = argv + args
+  eight = ['batch vs mesh']
+  ones = [n for n in cases if n not in eight]
+  results = dict(zip(ones, run_command_lines([argvs[n] for n in ones])))
+  results.update(zip(eight, run_command_lines(
+      [argvs[n] for n in eight], env=dict(os.environ, XLA_FLAGS=child_xla_flags(8)))))
+  for name, r in results.items():
+    err = r['stderr']
     errors = [l for l in err.splitlines() if l.startswith('train.py: error: ')]
-    assert proc.returncode == 1, (name, err[-2000:])
+    assert r['rc'] == 1, (name, err[-2000:])
     assert 'Traceback' not in err, (name, err[-2000:])
     assert len(errors) == 1 and cases[name][1] in errors[0], (name, err[-2000:])
     assert not (tmp_path / name.replace(' ', '_') / 'checkpoints').exists() or \

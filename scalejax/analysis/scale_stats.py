@@ -40,9 +40,11 @@ def scale_statistics(params, roles, axes) -> dict[str, dict[str, float]]:
 
 
 def summary(v) -> dict[str, float]:
-  v = jnp.asarray(v, jnp.float32)
+  # On the host, in NumPy: the vectors are small, and device ops here would compile
+  # and sync once per statistic and shape at every eval.
+  v = np.asarray(v, np.float32)
   return dict(mean=float(v.mean()), std=float(v.std()), min=float(v.min()),
-              max=float(v.max()), norm=float(jnp.linalg.norm(v.ravel())))
+              max=float(v.max()), norm=float(np.linalg.norm(v.ravel())))
 
 
 def role_means(stats: dict) -> dict[str, float]:
@@ -118,6 +120,21 @@ def _per_layer(name: str, v: jax.Array, layered: bool):
   return [(f'{name}/layer{i}', v[i]) for i in range(v.shape[0])]
 
 
+def _bound_summaries(graphdef, state) -> dict[str, dict[str, jax.Array]]:
+  """Per scale, the statistics over j of each layer's bounds ([layers] or scalars)."""
+  out = {}
+  for name, (g2, upper) in preconditioner_bounds(nnx.merge(graphdef, state)).items():
+    out[name] = dict(mean=upper.mean(-1), std=upper.std(-1), min=upper.min(-1),
+                     max=upper.max(-1), gamma2_mean=g2.mean(-1))
+  return out
+
+
+# One compiled program per model structure (graphdef), reused at every eval: op by op,
+# each statistic would compile and sync on its own. Only reductions over j come back,
+# which are replicated however the kernels are sharded.
+_jitted_summaries = jax.jit(_bound_summaries, static_argnums=0)
+
+
 def preconditioner_statistics(model) -> dict[str, dict[str, float]]:
   """{'<norm>/<branch>[/layer<i>]': stats of the upper bound gamma_j^2 + ||w_j||^2 over j}.
 
@@ -128,13 +145,15 @@ def preconditioner_statistics(model) -> dict[str, dict[str, float]]:
   out = {}
   if any(s.role == R.INPUT_SCALE and not s.folds_into for s in wiring.scales(model.config)):
     return out  # Post-Norm: the input-role scales also feed the residual stream
-  for name, (g2, upper) in preconditioner_bounds(model).items():
-    layered = upper.ndim == 2
-    for key, u in _per_layer(name, upper, layered):
-      out[key] = dict(mean=float(u.mean()), std=float(u.std()), min=float(u.min()),
-                      max=float(u.max()), spread=float(u.max() / u.min()))
-    for key, g in _per_layer(name, g2, layered):
-      out[key]['gamma2_mean'] = float(g.mean())
+  graphdef, state = nnx.split(model)
+  for name, stats in jax.device_get(_jitted_summaries(graphdef, state)).items():
+    stats = {k: np.asarray(v, np.float32) for k, v in stats.items()}
+    layers = stats['mean'].shape[0] if stats['mean'].ndim else None
+    for i in range(layers or 1):
+      key = name if layers is None else f'{name}/layer{i}'
+      s = {k: float(v if layers is None else v[i]) for k, v in stats.items()}
+      out[key] = dict(mean=s['mean'], std=s['std'], min=s['min'], max=s['max'],
+                      spread=s['max'] / s['min'], gamma2_mean=s['gamma2_mean'])
   return out
 
 

@@ -1,1 +1,1 @@
-"""Study commands (ablation, quantization, inspection) and the helpers they share."""
+"""Study commands (ablation, quantization, inspection) and the code they share (`common`)."""
