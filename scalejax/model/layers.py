@@ -112,15 +112,18 @@ class Attention(nnx.Module):
     self.q_norm = Norm(spec, h, roles.OUTPUT_SCALE) if config.qk_norm else None
     self.k_norm = Norm(spec, h, roles.OUTPUT_SCALE) if config.qk_norm else None
 
-  def __call__(self, xq, xk, xv, positions_L):
-    b, l, _ = xq.shape
-    q = self.q(xq).reshape(b, l, self.n_heads, self.h)
-    k = self.k(xk).reshape(b, l, self.n_kv, self.h)
-    v = self.v(xv).reshape(b, l, self.n_kv, self.h)
+  def __call__(self, xq_BxLxD, xk_BxLxD, xv_BxLxD, positions_L):
+    """x_BxLxD -> [B, L, D]; N query heads, K kv heads (GQA when K < N), head dim H."""
+    b, l, _ = xq_BxLxD.shape
+    q_BxLxNxH = self.q(xq_BxLxD).reshape(b, l, self.n_heads, self.h)
+    k_BxLxKxH = self.k(xk_BxLxD).reshape(b, l, self.n_kv, self.h)
+    v_BxLxKxH = self.v(xv_BxLxD).reshape(b, l, self.n_kv, self.h)
     if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    q, k = rope(q, positions_L, self.theta), rope(k, positions_L, self.theta)
-    out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+      q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
+    q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta)
+    k_BxLxKxH = rope(k_BxLxKxH, positions_L, self.theta)
+    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
+                                               implementation=self.impl)
     return self.o(out_BxLxNxH.reshape(b, l, self.n_heads * self.h))
 
 
