@@ -1,6 +1,10 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path)."""
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -45,7 +49,6 @@ def child_xla_flags(devices: int | None = None) -> str:
 def run_command_lines(cases: list[list[str]], env: dict | None = None) -> list[dict]:
   """[{'rc', 'stdout', 'stderr'}] of each command line, all run in one fresh Python
   process from the repository's top (tests/_cli_driver.py says how)."""
-  import json, subprocess, sys, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
   with tempfile.TemporaryDirectory() as tmp:
     cases_path, results_path = os.path.join(tmp, 'cases.json'), os.path.join(tmp, 'out.json')
     with open(cases_path, 'w') as f:

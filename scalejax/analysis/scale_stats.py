@@ -147,13 +147,11 @@ def preconditioner_statistics(model) -> dict[str, dict[str, float]]:
     return out  # Post-Norm: the input-role scales also feed the residual stream
   graphdef, state = nnx.split(model)
   for name, stats in jax.device_get(_jitted_summaries(graphdef, state)).items():
-    stats = {k: np.asarray(v, np.float32) for k, v in stats.items()}
-    layers = stats['mean'].shape[0] if stats['mean'].ndim else None
-    for i in range(layers or 1):
-      key = name if layers is None else f'{name}/layer{i}'
-      s = {k: float(v if layers is None else v[i]) for k, v in stats.items()}
-      out[key] = dict(mean=s['mean'], std=s['std'], min=s['min'], max=s['max'],
-                      spread=s['max'] / s['min'], gamma2_mean=s['gamma2_mean'])
+    table = np.stack([np.asarray(stats[k], np.float32)  # [layers, 5] or [5]
+                      for k in ('mean', 'std', 'min', 'max', 'gamma2_mean')], axis=-1)
+    for key, row in _per_layer(name, table, table.ndim == 2):
+      mean, std, lo, hi, g2 = map(float, row)
+      out[key] = dict(mean=mean, std=std, min=lo, max=hi, spread=hi / lo, gamma2_mean=g2)
   return out
 
 
