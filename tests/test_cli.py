@@ -21,6 +21,7 @@ COMMANDS = {
     'scalejax.cli.train': ('config', 'workdir'),
     'scalejax.cli.sample': ('workdir', 'prompt', 'tokens', 'temperature', 'top_k', 'seed'),
     'scalejax.cli.param_report': ('config',),
+    'scalejax.cli.roles_doc': ('out',),
     'scalejax.cli.aot': ('config', 'topology', 'json', 'fusion'),
     'scalejax.cli.bench': ('config', 'variants', 'rounds', 'steps', 'warmup', 'call', 'json',
                            'nanogpt_torch'),

@@ -1,7 +1,6 @@
 """Scale-vector inspection: statistics on hand-made checkpoints, reports and plots."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from scalejax.train import config as config_lib
 from scalejax.studies import inspect_scales as I
 from scalejax.train import trainer
 from scalejax.model.decoder import build_model
-from scalejax.model.wiring import input_scale_consumers
+from scalejax.model import wiring
 from _util import tiny_config
 
 ROOT = Path(__file__).parents[1]
@@ -90,9 +89,10 @@ def test_effective_gamma_of_magdir_and_hg_consumers(tmp_path):
   cfg = tiny_config()
   cfg.model.update(variant='unified', tie_embeddings=True)
   model = build_model(config_lib.model_config(cfg, 64))
-  names = {c.name: c.kernels for c in input_scale_consumers(model)}
+  names = {s.name: s.kernels for s in wiring.scales(model.config) if s.folds}
   assert names['blocks/attn_norm/v'] == (('blocks', 'attn', 'v', 'kernel'),)
   assert names['final_norm/scale'] == (('embed', 'table'),)
+  assert names['blocks/attn/v/post/scale'] == (('blocks', 'attn', 'o', 'kernel'),)
 
 
 def test_report_and_plots_are_written(tmp_path):
@@ -107,6 +107,11 @@ def test_report_and_plots_are_written(tmp_path):
       assert Path(p).read_bytes()[:4] == b'\x89PNG' and Path(p).stat().st_size > 5000
   report = (tmp_path / 'out' / 'report.md').read_text()
   assert '| blocks/attn_norm/scale | input_scale | 1 |' in report
+  # unified's block input norms: DNP renormalizes every map they feed
+  assert runs["uni"]["neutral"] == ['blocks/attn_norm/k', 'blocks/attn_norm/q',
+                                        'blocks/attn_norm/v', 'blocks/mlp_norm/gate',
+                                        'blocks/mlp_norm/up']
+  assert runs['base']['neutral'] == [] and report.count('Function-neutral magnitudes') == 1
   saved = json.loads((tmp_path / 'out' / 'inspect.json').read_text())
   assert saved['base']['steps']['2']['scales']['blocks/attn_norm/scale/layer1']['max'] == \
       pytest.approx(3 * 1.5)

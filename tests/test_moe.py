@@ -167,9 +167,12 @@ def test_unified_moe_roles_axes_and_weight_decay():
   assert got['blocks/mlp/experts/gate/kernel'] == ('matrix', ('layers', 'expert', 'embed', 'mlp'))
   assert got['blocks/mlp/experts/down/kernel'] == ('matrix', ('layers', 'expert', 'mlp', 'embed'))
   assert got['blocks/mlp/router/kernel'] == ('matrix', ('layers', 'embed', None))
-  # DNP wraps each expert's gate/up: an output-role scale per expert.
-  assert got['blocks/mlp/experts/up/post/scale/alpha'] == ('output_scale',
+  # DNP wraps each expert's gate/up: a scale per expert, output-role on gate (SiLU
+  # follows), input-role on up (it folds into that expert's W_down rows).
+  assert got['blocks/mlp/experts/up/post/scale/alpha'] == ('input_scale',
                                                            ('layers', 'expert', 'norm'))
+  assert got['blocks/mlp/experts/gate/post/scale/alpha'] == ('output_scale',
+                                                             ('layers', 'expert', 'norm'))
   assert got['blocks/mlp/shared/gate/post/scale/alpha'] == ('output_scale', ('layers', 'norm'))
   # HG: gate, up and the router each read their own input-role scale of the pre-MLP norm.
   for branch in ('gate', 'up', 'router'):
@@ -188,7 +191,8 @@ def test_unified_moe_roles_axes_and_weight_decay():
   for name, (role, _) in got.items():
     assert decayed[name] == (rates[role] > 0), name
   assert decayed['blocks/mlp/experts/gate/kernel'] and decayed['blocks/mlp_norm/router/alpha']
-  assert not decayed['blocks/mlp/experts/up/post/scale/alpha']
+  assert decayed['blocks/mlp/experts/up/post/scale/alpha']  # input role: folds into W_down
+  assert not decayed['blocks/mlp/experts/gate/post/scale/alpha']
 
 
 def test_muon_orthogonalizes_each_expert_kernel_on_its_own():

@@ -117,8 +117,14 @@ class DualTest(chex.TestCase):
     u = jnp.linspace(0.5, 2.0, 8)
     dp.post.gamma[...] = u
     chex.assert_trees_all_close(dp(x), plain(x) * u, rtol=1e-6)
-    meta = dp.post.gamma.get_metadata()
-    assert meta['role'] == roles.OUTPUT_SCALE
+    # Standalone, the output side's role is the caller's to give; in the decoder the
+    # wiring gives it (u on q/k/gate: output, on v/up: input).
+    assert dp.post.gamma.get_metadata()['role'] == roles.UNLABELLED
+    with pytest.raises(ValueError, match='have no role'):
+      roles.role_tree(dp)
+    given = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1), dual='dnp', norm=NormSpec(),
+                   post_role=roles.OUTPUT_SCALE)
+    assert set(jax.tree.leaves(roles.role_tree(given))) == {roles.MATRIX, roles.OUTPUT_SCALE}
 
 
 class PrecisionTest(chex.TestCase):

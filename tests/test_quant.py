@@ -1,6 +1,5 @@
 """Fake-quantization numerics, role-selected modes, folding, and the study command."""
 
-import sys
 from pathlib import Path
 
 import chex
@@ -180,10 +179,24 @@ def test_fold_tied_head_no_scale_post_norm_and_bias():
                               nnx.merge(graphdef, params)(tokens), atol=2e-5, rtol=1e-4)
   no_scale = build_model(_cfg('no_scale'))   # nothing to fold
   chex.assert_trees_all_equal(Q.fold_input_scales(no_scale), (R.params_of(no_scale), []))
-  with pytest.raises(ValueError, match='placement=pre or sandwich'):
-    Q.fold_input_scales(build_model(_cfg('baseline', placement='post')))
-  with pytest.raises(ValueError, match='norm_bias=False'):
-    Q.fold_input_scales(build_model(_cfg('baseline', norm='layer', norm_bias=True)))
+  # Post-Norm's norms also feed the residual stream: they stay; DP's u on v and up fold.
+  post = _cfg('dp', placement='post')
+  graphdef, params, _, _ = _perturbed(post)
+  folded, left = Q.fold_input_scales(nnx.merge(graphdef, params))
+  assert left == ['blocks/attn_norm/scale', 'blocks/mlp_norm/scale']
+  assert not np.allclose(folded['blocks']['attn']['o']['kernel'],
+                         params['blocks']['attn']['o']['kernel'])
+  chex.assert_trees_all_close(nnx.merge(graphdef, folded)(tokens),
+                              nnx.merge(graphdef, params)(tokens), atol=2e-5, rtol=1e-4)
+  # A LayerNorm bias is divided by the gamma folded out of its norm.
+  biased = _cfg('dnp', norm='layer', norm_bias=True)
+  graphdef, params, roles, _ = _perturbed(biased)
+  params = jax.tree.map(lambda p, r: p + 0.3 if r == R.OTHER else p, params, roles)
+  folded, left = Q.fold_input_scales(nnx.merge(graphdef, params))
+  assert left == [] and not np.allclose(folded['final_norm']['scale_bias'],
+                                        params['final_norm']['scale_bias'])
+  chex.assert_trees_all_close(nnx.merge(graphdef, folded)(tokens),
+                              nnx.merge(graphdef, params)(tokens), atol=2e-5, rtol=1e-4)
 
 
 def _changed(a, b):

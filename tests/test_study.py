@@ -72,7 +72,7 @@ def test_aggregate_on_known_numbers():
 def test_suites_and_dedup():
   assert set(study.PAPER) == {'baseline', 'no_scale', 'decay_all', 'decay_none', 'decay_iwd',
                               'hg', 'dp', 'dnp', 'magdir', 'magdir_unit', 'unified',
-                              'unified_nohg'}
+                              'unified_nohg', 'unified_frozen'}
   post = study.SUITES['paper_post']
   assert {'dp@post', 'no_scale@post', 'baseline@post', 'unified_nohg@post'} <= set(post)
   assert 'hg@post' not in post and 'unified@post' not in post  # HG needs a norm per branch

@@ -68,3 +68,43 @@ class WeightDecayTest(chex.TestCase):
     assert lines['embedding'] == ['1', '512', '0.1']
     assert lines['output_scale'][-1] == '0'
     assert float(lines['input_scale'][-1]) == WD
+
+
+def _unified(variant='unified'):
+  m = build_model(ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, variant=variant))
+  params = jax.tree.map(lambda p: p + 0.25, R.params_of(m))
+  return m, params, R.role_tree(m), R.part_tree(m)
+
+
+@pytest.mark.parametrize('mode,decays', [('both', {'magnitude', 'direction'}),
+                                         ('direction', {'direction'}),
+                                         ('magnitude', {'magnitude'})])
+def test_magdir_decay_chooses_which_part_of_gamma_decays(mode, decays):
+  """gamma = beta * alpha: decaying both parts shrinks gamma twice as fast as one."""
+  _, params, roles, parts = _unified()
+  tx = role_weight_decay(decay_rates('all', WD), roles, parts, mode)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  for u, p, r, part in zip(*map(jax.tree.leaves, (updates, params, roles, parts))):
+    decayed = r in (R.MATRIX, R.EMBEDDING) or (r in R.SCALE_ROLES and part in decays)
+    want = WD * p if decayed else 0 * p
+    np.testing.assert_allclose(u, want, rtol=1e-6)
+  assert {part for part in jax.tree.leaves(parts)} == {'magnitude', 'direction', ''}
+  with pytest.raises(ValueError, match='magdir_decay'):
+    role_weight_decay(decay_rates('all', WD), roles, parts, 'alpha')
+
+
+def test_frozen_magnitudes_stay_at_their_init_under_the_whole_optimizer():
+  from scalejax.train import optim
+  model, params, roles, parts = _unified('unified_frozen')
+  frozen = R.frozen_tree(model)
+  assert sum(jax.tree.leaves(frozen)) == 5  # beta of attn_norm/{q,k,v}, mlp_norm/{gate,up}
+  tx, _, _ = optim.build_optimizer(optim.default_config(), roles, R.axes_tree(model), 10,
+                                   'iwd', parts=parts, frozen=frozen)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  for u, f in zip(jax.tree.leaves(updates), jax.tree.leaves(frozen)):
+    assert bool(jnp.all(u == 0)) == f

@@ -2,6 +2,7 @@
 scale form registered here only, the kernels and scales it names, folding along it."""
 
 import itertools
+from pathlib import Path
 
 import chex
 import jax
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scalejax.analysis import quant
 from scalejax.analysis.scale_stats import (effective_scales, preconditioner_statistics,
                                            scale_statistics)
 from scalejax.core import roles as R
@@ -116,12 +116,10 @@ def test_a_new_scale_form_is_counted_and_inspected_with_no_library_edit(two_scal
   want = read(form.a, 2.0)[:, None] * read(form.b, 0.5)[:, None] * read(form.v, 1.0)
   chex.assert_trees_all_close(gammas[new[0].name][1], want, rtol=1e-6)
 
-  # Preconditioner: every input scale the wiring lists (none for Post-Norm), on that gamma.
+  # Preconditioner: every scale that folds (Post-Norm's norms do not), on that gamma.
   pstats = preconditioner_statistics(model)
-  inputs = [s for s in new if s.role == R.INPUT_SCALE]
-  if config.placement == 'post':
-    assert pstats == {}
-    return
+  inputs = [s for s in new if s.folds]
+  assert all(s.role == R.INPUT_SCALE for s in inputs)
   keys = {f'{s.name}/layer{i}' if s.stack else s.name: (s, i)
           for s in inputs for i in range(config.n_layers if s.stack else 1)}
   assert set(pstats) == set(keys)
@@ -181,35 +179,19 @@ def test_wiring_names_exactly_the_kernels_and_scales_of_the_built_model(kw):
   assert {s.path for s in owner.values()} == {s.path for s in scales}
   assert {p for p, (_, r, _) in params.items() if r == R.OTHER} == {s.bias for s in scales
                                                                     if s.bias}
-  # An input-role scale folds into kernels, unless it also feeds the residual stream.
+  # A scale that folds is an input scale; one that does not is an output scale, except
+  # the norms Post-Norm feeds into linear maps and the residual stream (post_norm_role).
   for s in scales:
-    assert bool(s.folds_into) == (s.role == R.INPUT_SCALE and config.placement != 'post')
+    mixed = any(c.kernel is None for c in s.consumers) and any(c.direct for c in s.consumers)
+    assert s.role == (R.INPUT_SCALE if s.folds or (mixed and config.post_norm_role == 'input')
+                      else R.OUTPUT_SCALE), s.name
+    assert not mixed or config.placement == 'post', s.name
 
 
-# --- folding along the wiring keeps the function --------------------------------------
+# --- docs/ROLES.md is the wiring's ------------------------------------------------
 
-FOLD_CASES = [
-    dict(placement='pre', variant='hg', qk_norm=True, scale_storage='delta'),
-    dict(placement='pre', variant='dp', mlp='moe', moe_shared_ff=16),
-    dict(placement='sandwich', variant='unified', mlp='moe', qk_norm=True),  # HG router, DNP
-    dict(placement='sandwich', variant='magdir_unit', tie_embeddings=True, n_kv_heads=4),
-]
-
-
-@pytest.mark.parametrize('kw', FOLD_CASES, ids=lambda kw: '-'.join(str(v) for v in kw.values()))
-def test_folding_every_input_scale_into_its_kernels_keeps_the_logits(kw):
-  config = _config(**kw)
-  model = _random_model(config, seed=2)
-  graphdef = nnx.graphdef(model)
-  logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))  # one compile for both
-  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, config.vocab_size)
-
-  folded, left = quant.fold_input_scales(model)
-  inputs = [s for s in wiring.scales(config) if s.role == R.INPUT_SCALE]
-  assert left == [s.name for s in inputs if any(c.transposed for c in s.folds_into)]
-  after = effective_scales(nnx.merge(graphdef, folded))
-  for s in inputs:
-    if s.name not in left:
-      chex.assert_trees_all_close(after[s.name][1], jnp.ones_like(after[s.name][1]), atol=1e-6)
-  chex.assert_trees_all_close(logits(folded, tokens), logits(R.params_of(model), tokens),
-                              atol=2e-5, rtol=1e-4)
+def test_roles_doc_is_what_the_wiring_generates():
+  from scalejax.cli import roles_doc
+  doc = Path(__file__).parents[1] / 'docs' / 'ROLES.md'
+  assert doc.read_text() == roles_doc.render(), (
+      'docs/ROLES.md is out of date: run python -m scalejax.cli.roles_doc')

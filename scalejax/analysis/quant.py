@@ -16,10 +16,10 @@ Which tensors are quantized is chosen by role (`MODES`), never by name. Granular
   - a scale vector [.., dim] gets one scale per vector (per layer), or per group
     along dim; a scalar (magdir's beta) has its own scale and is exact.
 
-Folding (`fold_input_scales`) moves every input-role gamma into the rows of the kernels
-it feeds (`Scale.folds_into` of the model's wiring, scalejax/model/wiring.py) and resets
-the scale to the identity, which leaves the float model's function unchanged;
-output-role scales have no such map.
+Folding (`fold_input_scales`, analysis/folding.py) moves every input-role gamma into the
+rows of the kernels it feeds (the model's wiring, scalejax/model/wiring.py: DP/DNP's
+output side on v and up included) and resets the scale to the identity, which leaves
+the float model's function unchanged; output-role scales have no such map.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from scalejax.analysis import folding
 from scalejax.core import roles as R
-from scalejax.model import wiring
-from scalejax.scales.norms import make_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,46 +132,10 @@ def quantize_params(params, roles, axes, fmt: str, quantize_roles, group_size: i
 
 
 def fold_input_scales(model) -> tuple[dict, list[str]]:
-  """Params with every foldable input-role gamma moved into the kernels it feeds.
-
-  A folded kernel row j is multiplied by gamma_j (Linear kernels are [d_in, d_out]);
-  the scale's params are reset to those of a fresh form (gamma = 1 for every form and
-  storage). Returns (params, names of input scales left in place): the final norm of a
-  tied-embedding model feeds the table that is also the input embedding, so it stays.
-  """
-  model_cfg = model.config
-  if model_cfg.norm_bias:
-    raise ValueError('folding a norm with a bias is not supported (the bias would need '
-                     'dividing by gamma); use model.norm_bias=False')
-  # A copy holding jax arrays: restored params may be numpy arrays, which a Variable
-  # update would otherwise write into in place, changing the caller's params.
-  graphdef, state = nnx.split(model)
-  model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
-  left = []
-  for s in wiring.input_scale_consumers(model):
-    form = wiring.module_at(model, s.path)
-    gamma = wiring.form_gamma(form)
-    if gamma is None:
-      continue
-    if any(c.transposed for c in s.folds_into):
-      left.append(s.name)
-      continue
-    for c in s.folds_into:
-      kernel = wiring.module_at(model, c.kernel.path)
-      # gamma [*stack, d_in] onto the rows of [*stack, (experts,) d_in, d_out]
-      rows = jnp.expand_dims(gamma[..., :, None], wiring.extra_stack_axes(s, c))
-      kernel.set_value(kernel.get_value() * rows)
-    _reset_to_identity(form, make_scale(model_cfg.norm_spec, s.dim, R.INPUT_SCALE))
-  return R.params_of(model), left
-
-
-def _reset_to_identity(form, fresh):
-  """Sets a (possibly stacked) form's params to those of the unstacked `fresh` one."""
-  state = nnx.state(form, nnx.Param)
-  new = jax.tree.map(lambda f, c: jnp.broadcast_to(f, c.shape),
-                     R.params_of(fresh), nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, new)
-  nnx.update(form, state)
+  """(params with every foldable input-role gamma moved into the kernels it feeds,
+  names of input scales left in place: a tied-embedding model's final norm)."""
+  folded, left = folding.fold_input_scales(model)
+  return R.params_of(folded), left
 
 
 def apply_mode(graphdef, params, roles, axes, mode: str, fmt: str, group_size: int = 0):

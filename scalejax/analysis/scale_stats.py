@@ -98,14 +98,18 @@ def column_sq_norms(model, scale: wiring.Scale) -> jax.Array:
     # Linear kernels are [..., d_in, d_out]; the tied table is [vocab, d] = [d_out, d_in].
     sq = jnp.sum(jnp.square(w), axis=-2 if c.transposed else -1)
     # One MLP norm feeds every expert: their kernels are parts of one concatenated W.
-    total = total + jnp.sum(sq, axis=wiring.extra_stack_axes(scale, c))
+    sq = jnp.sum(sq, axis=wiring.extra_stack_axes(scale, c))
+    # v's output side reaches the W_o rows of every query head of its group.
+    total = total + c.from_rows(sq)
   return total
 
 
 def preconditioner_bounds(model) -> dict[str, tuple[jax.Array, jax.Array]]:
   """'<norm>/<branch>' -> (gamma^2, gamma^2 + ||w_j||^2), the eigenvalue bounds of P_j."""
   out = {}
-  for s in wiring.input_scale_consumers(model):
+  for s in wiring.scales(model.config):
+    if not s.folds:
+      continue  # the bounds are those of W diag(gamma); this gamma is not one
     gamma = wiring.form_gamma(wiring.module_at(model, s.path))
     if gamma is None:
       continue
@@ -124,6 +128,8 @@ def _bound_summaries(graphdef, state) -> dict[str, dict[str, jax.Array]]:
   """Per scale, the statistics over j of each layer's bounds ([layers] or scalars)."""
   out = {}
   for name, (g2, upper) in preconditioner_bounds(nnx.merge(graphdef, state)).items():
+    if upper.ndim > 2:  # [layers, experts, dim]: per layer, over every expert's channels
+      g2, upper = (x.reshape(x.shape[0], -1) for x in (g2, upper))
     out[name] = dict(mean=upper.mean(-1), std=upper.std(-1), min=upper.min(-1),
                      max=upper.max(-1), gamma2_mean=g2.mean(-1))
   return out
@@ -139,12 +145,10 @@ def preconditioner_statistics(model) -> dict[str, dict[str, float]]:
   """{'<norm>/<branch>[/layer<i>]': stats of the upper bound gamma_j^2 + ||w_j||^2 over j}.
 
   `spread` = max / min over j (how anisotropic the preconditioner is across columns);
-  `gamma2_mean` is the mean lower bound gamma_j^2, for comparison. Empty for Post-Norm
-  models, whose input-role scales also multiply the residual stream.
+  `gamma2_mean` is the mean lower bound gamma_j^2, for comparison. Every scale that
+  folds is listed (Post-Norm's norms, which also multiply the residual stream, are not).
   """
   out = {}
-  if any(s.role == R.INPUT_SCALE and not s.folds_into for s in wiring.scales(model.config)):
-    return out  # Post-Norm: the input-role scales also feed the residual stream
   graphdef, state = nnx.split(model)
   for name, stats in jax.device_get(_jitted_summaries(graphdef, state)).items():
     table = np.stack([np.asarray(stats[k], np.float32)  # [layers, 5] or [5]

@@ -4,7 +4,9 @@ r"""Print a config's parameter counts.
         [--config.model.variant=unified ...]
 
 Total, embedding table, LM head, non-embedding, scale-vector params and their share,
-active params per token (MoE: the top-k routed experts) and training FLOPs per token.
+active params per token (MoE: the top-k routed experts) and training FLOPs per token,
+then every scale with its role, what it feeds, whether it folds and whether its
+magnitude is function-neutral (model/wiring.py).
 The analytic counts (counting.py) are checked against the model itself, built
 abstractly (`nnx.eval_shape`: no memory), so the two can never silently disagree.
 """
@@ -19,6 +21,7 @@ from ml_collections import config_flags
 from scalejax.cli import common
 from scalejax.train import config as config_lib
 from scalejax.core import roles
+from scalejax.model import wiring
 from scalejax.model.counting import flops_per_token, param_counts
 from scalejax.model.decoder import build_model
 
@@ -58,7 +61,10 @@ def report(cfg) -> tuple[str, dict[str, int]]:
       ('train FLOPs/token', f'{flops_per_token(model_cfg, cfg.train.seq_len):.4g}  '
                             f'(seq_len {cfg.train.seq_len}; 6N + attention)'),
   ]
-  return '\n'.join(f'{k:<18} {v}' for k, v in rows), counts
+  text = '\n'.join(f'{k:<18} {v}' for k, v in rows)
+  text += '\n\n' + wiring.scale_table(model_cfg)
+  neutral = wiring.neutral_summary(model_cfg)
+  return text + (f'\n{neutral}' if neutral else ''), counts
 
 
 def define_flags(fv: flags.FlagValues) -> None:

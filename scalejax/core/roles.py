@@ -13,11 +13,14 @@ from typing import Any
 import jax
 from flax import nnx
 
-INPUT_SCALE = 'input_scale'    # a scale whose output feeds a linear map (Input-Norm)
-OUTPUT_SCALE = 'output_scale'  # any other scale: QK-norm, sub-layer output norms, DNP's u
+INPUT_SCALE = 'input_scale'    # folds into the linear maps it feeds (Input-Norm)
+OUTPUT_SCALE = 'output_scale'  # does not fold: QK-norm, sub-layer output norms, u on q/k/gate
 MATRIX = 'matrix'              # weights of linear maps, the LM head included
 EMBEDDING = 'embedding'        # token embedding table
 OTHER = 'other'                # biases and anything else
+# A scale built inside a decoder before the decoder labels it from its wiring
+# (model/wiring.py, `label_roles`); `role_tree` refuses it, so it never reaches an optimizer.
+UNLABELLED = 'unlabelled'
 
 ROLES = (INPUT_SCALE, OUTPUT_SCALE, MATRIX, EMBEDDING, OTHER)
 SCALE_ROLES = (INPUT_SCALE, OUTPUT_SCALE)
@@ -31,7 +34,7 @@ class Param(nnx.Param):
   """
 
   def __init__(self, value: Any, *, role: str, axes: tuple[str | None, ...], **kw):
-    if role not in ROLES:
+    if role not in ROLES + (UNLABELLED,):
       raise ValueError(f'unknown role {role!r}; valid roles: {ROLES}')
     if len(axes) != jax.numpy.ndim(value):
       raise ValueError(f'axes {axes} do not match a value of shape {jax.numpy.shape(value)}')
@@ -72,13 +75,34 @@ def _metadata_tree(module: nnx.Module, key: str, default: Any = None):
   return nnx.to_pure_dict(jax.tree_util.tree_map_with_path(get, state, is_leaf=_is_var))
 
 
-def role_tree(module: nnx.Module, default: str | None = None) -> dict:
+def role_tree(module: nnx.Module, default: str | None = None, *,
+              unlabelled_ok: bool = False) -> dict:
   """Role of every parameter, as a pure dict with the structure of `params_of(module)`.
 
   `default` labels params created by other code (e.g. `nnx.Linear` in a user's model)
-  that carry no role; without it such params are an error, never a silent guess.
+  that carry no role; without it such params are an error, never a silent guess. A
+  scale still `unlabelled` (built outside a model that labels it) is an error too.
   """
-  return _metadata_tree(module, 'role', default)
+  tree = _metadata_tree(module, 'role', default)
+  if not unlabelled_ok:
+    left = [path for path, r in jax.tree_util.tree_leaves_with_path(tree) if r == UNLABELLED]
+    if left:
+      names = ', '.join(jax.tree_util.keystr(p, simple=True, separator='/') for p in left[:3])
+      raise ValueError(f'scale params {names} have no role: a scale form built inside '
+                       'Attention/MLP/Block gets its role from the decoder\'s wiring; '
+                       'give a standalone Norm an explicit role')
+  return tree
+
+
+def frozen_tree(module: nnx.Module) -> dict:
+  """True for every param the optimizer must leave unchanged (metadata `frozen`)."""
+  return _metadata_tree(module, 'frozen', False)
+
+
+def part_tree(module: nnx.Module) -> dict:
+  """Which part of its scale form each param is: 'magnitude' / 'direction' for a
+  two-part form (magdir), 'vector' for a plain one, '' for non-scale params."""
+  return _metadata_tree(module, 'part', '')
 
 
 def axes_tree(module: nnx.Module) -> dict:

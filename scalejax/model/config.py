@@ -42,6 +42,9 @@ class ModelConfig:
   tie_embeddings: bool = False
   variant: str = 'baseline'     # key of variants.VARIANTS
   placement: str = 'pre'        # 'pre' | 'post' | 'sandwich'
+  # Role of a norm that feeds linear maps and the residual stream (Post-Norm), which
+  # cannot fold into either: 'input' (our reading: it feeds linear maps) or 'output'.
+  post_norm_role: str = 'input'
   qk_norm: bool = False
   norm: str = 'rms'             # 'rms' | 'layer'
   norm_eps: float = 1e-6
@@ -68,6 +71,8 @@ class ModelConfig:
     v = self.variant_spec
     checks = [
         (self.placement in PLACEMENTS, f'model.placement must be one of {PLACEMENTS}'),
+        (self.post_norm_role in ('input', 'output'),
+         "model.post_norm_role must be 'input' or 'output'"),
         (self.dtype in DTYPES, f'model.dtype must be one of {tuple(DTYPES)}'),
         (self.remat in REMAT_POLICIES, f'model.remat must be one of {tuple(REMAT_POLICIES)}'),
         (set(self.dual_targets) <= set(DUAL_TARGETS),

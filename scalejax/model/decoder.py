@@ -12,15 +12,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from scalejax.model import moe
 from scalejax.core import roles, sharding
-from scalejax.model.layers import Attention, Embed, Linear, MLP, input_branches
+from scalejax.model import moe, wiring
 from scalejax.model.config import REMAT_POLICIES, ModelConfig
+from scalejax.model.layers import Attention, Embed, Linear, input_branches
+from scalejax.model.moe import MLP_MODULES
 from scalejax.scales.norms import Norm
 
-# model.mlp -> module; its BRANCHES name the linear maps its pre-norm feeds (one HG
-# branch each). What feeds what is described in model/wiring.py.
-MLP_MODULES = {'dense': MLP, 'moe': moe.MoE}
 RESIDUAL = ('act_batch', 'act_seq', 'act_embed')
 
 
@@ -30,21 +28,21 @@ class Block(nnx.Module):
   pre:      x + Attn(N_in(x)),             then the same for the MLP
   sandwich: x + N_out(Attn(N_in(x))),      then the same for the MLP
   post:     N(x + Attn(x)),                then the same for the MLP
-  A post norm's output feeds the next sub-layer's linear maps: it is an input role.
+  Every scale is built `unlabelled`; the decoder gives it the role its wiring decides.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     spec, d = config.norm_spec, config.d_model
     self.placement = config.placement
-    self.attn_norm = Norm(spec, d, roles.INPUT_SCALE, branches=input_branches(Attention, config.hg))
+    self.attn_norm = Norm(spec, d, roles.UNLABELLED, branches=input_branches(Attention, config.hg))
     self.attn = Attention(config, rngs=rngs)
     mlp_cls = MLP_MODULES[config.mlp]
-    self.mlp_norm = Norm(spec, d, roles.INPUT_SCALE, branches=input_branches(mlp_cls, config.hg))
+    self.mlp_norm = Norm(spec, d, roles.UNLABELLED, branches=input_branches(mlp_cls, config.hg))
     self.mlp = mlp_cls(config, rngs=rngs)
     self.n_attn_inputs, self.n_mlp_inputs = len(Attention.BRANCHES), len(mlp_cls.BRANCHES)
     sandwich = config.placement == 'sandwich'
-    self.attn_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
-    self.mlp_out_norm = Norm(spec, d, roles.OUTPUT_SCALE) if sandwich else None
+    self.attn_out_norm = Norm(spec, d, roles.UNLABELLED) if sandwich else None
+    self.mlp_out_norm = Norm(spec, d, roles.UNLABELLED) if sandwich else None
 
   def __call__(self, x_BxLxD, positions_L):
     """Returns (x, aux): aux holds the MoE router statistics ({} for a dense MLP)."""
@@ -86,12 +84,13 @@ class Decoder(nnx.Module):
       return Block(config, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
-    # Post-Norm's last block already ends in a (input-role) norm that feeds the head.
+    # Post-Norm's last block already ends in a norm that feeds the head.
     self.final_norm = (None if config.placement == 'post'
-                       else Norm(config.norm_spec, config.d_model, roles.INPUT_SCALE))
+                       else Norm(config.norm_spec, config.d_model, roles.UNLABELLED))
     self.head = (None if config.tie_embeddings
                  else Linear(config.d_model, config.vocab_size, ('embed', 'vocab'), rngs=rngs,
                              std=config.init_std))
+    wiring.label_roles(self)  # every scale's role, from what consumes it
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     """Returns float32 logits [B, L, V]."""

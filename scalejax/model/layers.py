@@ -39,14 +39,17 @@ class Linear(nnx.Module):
   """
 
   def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
-               std: float = 0.02, dual: str = 'none', norm: NormSpec | None = None):
+               std: float = 0.02, dual: str = 'none', norm: NormSpec | None = None,
+               post_role: str = roles.UNLABELLED):
     if dual not in DUAL_MODES:
       raise ValueError(f'unknown dual placement {dual!r}; valid: {DUAL_MODES}')
     w = std * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32)
     self.kernel = Param(w, role=roles.MATRIX, axes=axes)
     self.dual = dual
-    post = {'dp': lambda: make_scale(norm, d_out, roles.OUTPUT_SCALE),
-            'dnp': lambda: Norm(norm, d_out, roles.OUTPUT_SCALE)}.get(dual)
+    # The output side's role depends on what reads it: inside the decoder the wiring
+    # labels it; a Linear used on its own takes `post_role`.
+    post = {'dp': lambda: make_scale(norm, d_out, post_role),
+            'dnp': lambda: Norm(norm, d_out, post_role)}.get(dual)
     self.post = post() if post else None
 
   def __call__(self, x: jax.Array | Scaled) -> jax.Array:
@@ -109,8 +112,8 @@ class Attention(nnx.Module):
     self.k = Linear(d, k * h, ('embed', 'kv_heads'), rngs=rngs, dual=dual('k'), norm=spec)
     self.v = Linear(d, k * h, ('embed', 'kv_heads'), rngs=rngs, dual=dual('v'), norm=spec)
     self.o = Linear(n * h, d, ('heads', 'embed'), rngs=rngs, std=config.out_std)
-    self.q_norm = Norm(spec, h, roles.OUTPUT_SCALE) if config.qk_norm else None
-    self.k_norm = Norm(spec, h, roles.OUTPUT_SCALE) if config.qk_norm else None
+    self.q_norm = Norm(spec, h, roles.UNLABELLED) if config.qk_norm else None
+    self.k_norm = Norm(spec, h, roles.UNLABELLED) if config.qk_norm else None
 
   def __call__(self, xq_BxLxD, xk_BxLxD, xv_BxLxD, positions_L):
     """x_BxLxD -> [B, L, D]; N query heads, K kv heads (GQA when K < N), head dim H."""

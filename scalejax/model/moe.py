@@ -123,3 +123,8 @@ def aux_loss(config: ModelConfig, aux: dict) -> jax.Array | float:
   if not aux:
     return 0.0
   return config.moe_lb_weight * aux['moe_lb_loss'] + config.moe_z_weight * aux['moe_z_loss']
+
+
+# model.mlp -> the module a block holds; its BRANCHES name the linear maps its pre-norm
+# feeds (one HG branch each). What feeds what is described in model/wiring.py.
+MLP_MODULES = {'dense': MLP, 'moe': MoE}

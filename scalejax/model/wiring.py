@@ -20,32 +20,46 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from scalejax.core import roles as R
 from scalejax.model.config import ModelConfig
-from scalejax.model.decoder import MLP_MODULES
 from scalejax.model.layers import MLP, Attention, dual_mode, input_branches
+from scalejax.model.moe import MLP_MODULES
+from scalejax.scales.norms import SCALE_FORMS
 
-# What lies between a scale's output and the kernel of a consumer.
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """What lies between a scale's output and a consumer's kernel. `channelwise`: a
+  per-channel factor on the op's input comes out as the same factor on its output
+  channels (the op is linear per channel), so it can move on into the kernel's rows."""
+  doc: str
+  channelwise: bool
+
+
 OPS = {
-    'linear': 'the kernel reads it as it is: W(gamma * n) = (diag(gamma) W) n',
-    'rope+dot': "RoPE, then attention's q.k dot product and softmax (q and k)",
-    'attention-sum': "attention's weighted sum over positions (v's output, before W_o)",
-    'silu': "SiLU (the gate's output)",
-    'glu': 'the product silu(gate) * up',
-    'norm': 'the statistics of a following norm (QK-norm after DP/DNP on q, k)',
-    'residual': 'added to the residual stream (no kernel)',
+    'linear': Op('the kernel reads it as it is: W(gamma * n) = (diag(gamma) W) n', True),
+    'rope+dot': Op("RoPE, then attention's q.k dot product and softmax (q and k)", False),
+    'attention-sum': Op("attention's weighted sum over positions (v's output, before W_o): "
+                        'channel c of the result is a sum of channel c of v', True),
+    'silu': Op("SiLU (the gate's output)", False),
+    'glu': Op('the product silu(gate) * up, channelwise in up', True),
+    'norm': Op('the statistics of a following norm (QK-norm after DP/DNP on q, k); they '
+               'forget a constant factor, nothing else', False),
+    'residual': Op('added to the residual stream (no kernel)', False),
 }
 LAYER_RELATIONS = ('same', 'next', 'last')  # values of Consumer.layer
 # Logical axes that stack copies of a module: the decoder's layers, the MoE's experts.
 STACK_AXES = ('layers', 'expert')
+POST_NORM_ROLES = ('input', 'output')  # model.post_norm_role
 
 HEAD = ('head', 'kernel')  # the untied LM head's kernel
 ATTN, MLP_PATH = ('blocks', 'attn'), ('blocks', 'mlp')
 # The ops from the output of each DP/DNP-wrapped map to the next kernel (W_o, W_down).
 _AFTER = {'q': ('rope+dot',), 'k': ('rope+dot',), 'v': ('attention-sum',),
           'gate': ('silu', 'glu'), 'up': ('glu',)}
+_NEXT = {'q': 'o', 'k': 'o', 'v': 'o', 'gate': 'down', 'up': 'down'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,15 +80,25 @@ class Kernel:
 @dataclasses.dataclass(frozen=True)
 class Consumer:
   """Where a scale's output goes: into `kernel` through `ops`, or (kernel None) into
-  the residual stream. `transposed`: the kernel is used transposed (the tied embedding
-  table as the head). `layer`: the kernel is in the scale's own layer ('same'), in the
-  next one ('next': a Post-Norm block's last norm feeds the next block), or only the
-  last layer's output reaches it ('last': Post-Norm's head). Routing tokens to MoE
-  experts moves whole vectors, so it is no op."""
+  the residual stream.
+
+  `transposed`: the kernel is used transposed (the tied embedding table as the head).
+  `layer`: the kernel is in the scale's own layer ('same'), in the next one ('next': a
+  Post-Norm block's last norm feeds the next block), or only the last layer's output
+  reaches it ('last': Post-Norm's head). `heads` = (kv heads K, query heads per kv
+  head G) when a scale channel reaches G kernel rows: v's channel (kv head j, dim h)
+  reaches the W_o rows of each query head of group j. `renormalized`: the kernel's
+  output reaches a norm's statistics through ops that keep a constant factor a
+  constant factor (DNP's norm, QK-norm, a sandwich output norm), and nothing else
+  reads it, so the norm forgets the kernel's output magnitude. Routing tokens to MoE
+  experts moves whole vectors, so it is no op.
+  """
   kernel: Kernel | None
   ops: tuple[str, ...]
   transposed: bool = False
   layer: str = 'same'
+  heads: tuple[int, int] | None = None
+  renormalized: bool = False
 
   def __post_init__(self):
     unknown = set(self.ops) - set(OPS)
@@ -85,14 +109,47 @@ class Consumer:
   def direct(self) -> bool:
     return self.ops == ('linear',)
 
+  @property
+  def folds(self) -> bool:
+    """A per-channel gamma moves into the kernel's rows with the function unchanged."""
+    return self.kernel is not None and all(OPS[op].channelwise for op in self.ops)
+
+  @property
+  def forgets_magnitude(self) -> bool:
+    """A constant factor on the scale's output changes nothing downstream: a norm reads
+    it before any op that is not channelwise, or the kernel's output is renormalized."""
+    for op in self.ops:
+      if op == 'norm':
+        return True
+      if not OPS[op].channelwise:
+        return False
+    return self.renormalized
+
+  def to_rows(self, gamma):
+    """A scale's [..., dim] vector spread onto the kernel's [..., d_in] rows."""
+    if self.heads is None:
+      return gamma
+    k, g = self.heads
+    per_head = gamma.reshape(gamma.shape[:-1] + (k, 1, -1))
+    return jnp.broadcast_to(per_head, per_head.shape[:-2] + (g, per_head.shape[-1])) \
+        .reshape(gamma.shape[:-1] + (-1,))
+
+  def from_rows(self, rows):
+    """The transpose of `to_rows`: per-row values [..., d_in] summed per scale channel."""
+    if self.heads is None:
+      return rows
+    k, g = self.heads
+    return rows.reshape(rows.shape[:-1] + (k, g, -1)).sum(-2).reshape(rows.shape[:-1] + (-1,))
+
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
   """One scale form: module `path`, width `dim`, stacked over `stack` (`copies` in all),
-  its `consumers`, and the path of the norm bias beside it (None without one)."""
+  its `consumers`, its `role`, and the path of the norm bias beside it (None without)."""
   path: tuple[str, ...]
   dim: int
   consumers: tuple[Consumer, ...]
+  role: str
   stack: tuple[str, ...] = ()
   copies: int = 1
   bias: tuple[str, ...] | None = None
@@ -102,23 +159,38 @@ class Scale:
     return '/'.join(self.path)
 
   @property
-  def role(self) -> str:
-    """The role the model gives it (docs/ROLES.md): input when its output feeds a linear
-    map directly, even where it also feeds the residual stream (Post-Norm)."""
-    return R.INPUT_SCALE if any(c.direct for c in self.consumers) else R.OUTPUT_SCALE
+  def folds(self) -> bool:
+    """gamma moves into its consumers' kernels with the function unchanged (a tied head
+    once untied): every consumer is a kernel reached through channelwise ops."""
+    return bool(self.consumers) and all(c.folds for c in self.consumers)
 
   @property
   def folds_into(self) -> tuple[Consumer, ...]:
-    """The consumers gamma moves into with the function unchanged: all of them when each
-    is a kernel reading the output directly, else none (a Post-Norm output also feeds
-    the residual stream). A tied table is listed; that it is also the input embedding
-    is for the folding code to handle."""
-    return self.consumers if all(c.direct for c in self.consumers) else ()
+    """The consumers gamma moves into: all of them if it folds, else none."""
+    return self.consumers if self.folds else ()
 
   @property
   def kernels(self) -> tuple[tuple[str, ...], ...]:
     """Param paths of the kernels it folds into."""
     return tuple(c.kernel.path for c in self.folds_into)
+
+  @property
+  def neutral(self) -> bool:
+    """Its magnitude is function-neutral: every consumer forgets a constant factor, so
+    scaling gamma by a constant changes nothing and its gradient along gamma is 0."""
+    return bool(self.consumers) and all(c.forgets_magnitude for c in self.consumers)
+
+
+def scale_role(consumers, post_norm_role: str) -> str:
+  """The rule: an input scale folds into the linear maps it feeds (W(gamma * n) =
+  (W diag(gamma)) n, so it adds no expressivity), an output scale does not. A
+  Post-Norm norm feeds linear maps *and* the residual stream: it cannot fold, and
+  whether it counts as an input scale is `model.post_norm_role` (our reading)."""
+  if consumers and all(c.folds for c in consumers):
+    return R.INPUT_SCALE
+  if any(c.direct for c in consumers) and any(c.kernel is None for c in consumers):
+    return R.INPUT_SCALE if post_norm_role == 'input' else R.OUTPUT_SCALE
+  return R.OUTPUT_SCALE
 
 
 def _copies(config: ModelConfig, stack: tuple[str, ...]) -> int:
@@ -164,23 +236,50 @@ def kernels(config: ModelConfig) -> tuple[Kernel, ...]:
   return tuple(_kernels(config).values())
 
 
+def _renormalized(config: ModelConfig, path: tuple[str, ...], every_expert: bool) -> bool:
+  """Whether a norm forgets a constant factor on the output of the map at module `path`:
+  the output reaches the norm through ops that carry the factor through (a DP scale,
+  the attention sum, the product with silu(gate), the next kernel) and nothing else is
+  added on the way. An MoE's outputs are summed before a sandwich norm: the factor is
+  forgotten only when it reaches every expert and the shared one (`every_expert`: the
+  scale is a norm in front of all of them, not one expert's or the shared one's own)."""
+  name = path[-1]
+  if dual_mode(config, name) == 'dnp':
+    return True
+  if name in ('q', 'k'):
+    return config.qk_norm  # DP's u, then QK-norm per head
+  if name in ('v', 'up'):
+    return _renormalized(config, path[:-1] + (_NEXT[name],), every_expert)
+  if name == 'o':
+    return config.placement == 'sandwich'
+  if name == 'down':
+    return config.placement == 'sandwich' and (config.mlp == 'dense' or every_expert)
+  return False  # gate (SiLU), router (softmax), the head
+
+
 def scales(config: ModelConfig) -> tuple[Scale, ...]:
   """Every scale form of a model built from `config` (also those of the `none` form,
-  which have no params), with what its output feeds."""
+  which have no params), with what its output feeds and the role that follows."""
   ks = _kernels(config)
   d = config.d_model
   out = []
 
+  def add(path, dim, consumers, stack, bias=None):
+    out.append(Scale(path, dim, tuple(consumers), scale_role(consumers, config.post_norm_role),
+                     stack, _copies(config, stack), bias))
+
   def norm(path, branches, dim, consumers_of, stack=('layers',)):
     for b in branches:
       bias = path + (f'{b}_bias',) if config.norm_bias else None
-      out.append(Scale(path + (b,), dim, tuple(consumers_of(b)), stack,
-                       _copies(config, stack), bias))
+      add(path + (b,), dim, consumers_of(b), stack, bias)
+
+  def reads(k, layer='same'):
+    return Consumer(k, ('linear',), layer=layer,
+                    renormalized=_renormalized(config, k.path[:-1], every_expert=True))
 
   def fed(maps, branch, layer='same'):
     # A shared norm feeds all the maps; an HG branch feeds the maps of its own name.
-    return [Consumer(k, ('linear',), layer=layer) for k in maps
-            if branch == 'scale' or k.path[-2] == branch]
+    return [reads(k, layer) for k in maps if branch == 'scale' or k.path[-2] == branch]
 
   mlp_cls = MLP_MODULES[config.mlp]
   attn_maps = [ks[ATTN + (b,)] for b in Attention.BRANCHES]
@@ -204,28 +303,76 @@ def scales(config: ModelConfig) -> tuple[Scale, ...]:
       for name in ('attn_out_norm', 'mlp_out_norm'):
         norm(('blocks', name), ('scale',), d, lambda b: [residual])
     norm(('final_norm',), ('scale',), d, lambda b: [head], stack=())
+  # Channels of k and v (K kv heads) meet the W_o rows of every query head of their
+  # group; QK-norm's (one head's width) those of every head.
+  group = (config.resolved_n_kv_heads, config.n_heads // config.resolved_n_kv_heads)
   if config.qk_norm:
     for name in ('q_norm', 'k_norm'):
       norm(ATTN + (name,), ('scale',), config.resolved_head_dim,
-           lambda b: [Consumer(ks[ATTN + ('o',)], ('rope+dot',))])
+           lambda b: [Consumer(ks[ATTN + ('o',)], ('rope+dot',), heads=(1, config.n_heads))])
 
   # DP: a bare scale at `<map>/post`; DNP: a norm there, its scale at `<map>/post/scale`.
-  wrapped = [(ATTN, Attention.BRANCHES, 'o', ('layers',))]
-  wrapped += [(path, MLP.BRANCHES, 'down', stack) for path, _, stack in _swiglus(config)]
+  wrapped = [(ATTN, Attention.BRANCHES, ('layers',))]
+  wrapped += [(path, MLP.BRANCHES, stack) for path, _, stack in _swiglus(config)]
   qk = ('norm',) if config.qk_norm else ()
-  for path, names, next_map, stack in wrapped:
+  for path, names, stack in wrapped:
     for name in names:
       mode = dual_mode(config, name)
       if mode == 'none':
         continue
       dim = ks[path + (name,)].shape[1]
-      ops = (qk if name in ('q', 'k') else ()) + _AFTER[name]
-      uses = [Consumer(ks[path + (next_map,)], ops)]
+      nxt = path + (_NEXT[name],)
+      uses = [Consumer(ks[nxt], (qk if name in ('q', 'k') else ()) + _AFTER[name],
+                       heads=group if name in ('k', 'v') else None,
+                       renormalized=_renormalized(config, nxt, every_expert=False))]
       if mode == 'dp':
-        out.append(Scale(path + (name, 'post'), dim, tuple(uses), stack, _copies(config, stack)))
+        add(path + (name, 'post'), dim, uses, stack)
       else:
         norm(path + (name, 'post'), ('scale',), dim, lambda b: uses, stack)
   return tuple(out)
+
+
+def feeds(scale: Scale) -> str:
+  """What a scale's output feeds: 'W_q, W_k (linear); residual' and the like."""
+  def one(c):
+    if c.kernel is None:
+      return 'residual'
+    name = c.kernel.path[-2]
+    name = {'embed': 'head (tied table)', 'head': 'head'}.get(name, f'W_{name}')
+    where = {'same': '', 'next': ' of the next layer', 'last': ' (last layer)'}[c.layer]
+    return f'{name}{where} ({"+".join(c.ops)})'
+  uses = []
+  for text in map(one, scale.consumers):
+    if text not in uses:  # every expert's W_up reads the same way
+      uses.append(text)
+  return ', '.join(uses)
+
+
+def scale_table(config: ModelConfig, *, markdown: bool = False) -> str:
+  """One row per scale: role, params, what it feeds, whether it folds, and whether its
+  magnitude is function-neutral (logged at start-up, printed by the param report)."""
+  form = SCALE_FORMS[config.norm_spec.scale]
+  head = ('scale', 'role', 'params', 'folds', 'neutral magnitude', 'feeds')
+  rows = [(s.name, s.role.split('_')[0], f'{form.param_count(s.dim) * s.copies:,}',
+           'yes' if s.folds else 'no', 'yes' if s.neutral else 'no', feeds(s))
+          for s in scales(config)]
+  if markdown:
+    lines = ['| ' + ' | '.join(head) + ' |', '|---|---|---:|---|---|---|']
+    return '\n'.join(lines + ['| `' + r[0] + '` | ' + ' | '.join(r[1:]) + ' |' for r in rows])
+  widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+  fmt = lambda r: '  '.join(c.ljust(w) if i != 2 else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(r, widths))) + '  ' + r[5]
+  return '\n'.join(map(fmt, [head] + rows))
+
+
+def neutral_summary(config: ModelConfig) -> str:
+  """A line naming the scales whose magnitude is function-neutral ('' if none)."""
+  names = [s.name for s in scales(config) if s.neutral]
+  if not names:
+    return ''
+  frozen = ' (their magnitude params are frozen)' if config.variant_spec.freeze_neutral else ''
+  return (f'{len(names)} scale(s) with a function-neutral magnitude (every consumer '
+          f'renormalizes; decay only changes their effective LR){frozen}: {", ".join(names)}')
 
 
 # --- reading records off a built model ----------------------------------------------
@@ -266,24 +413,30 @@ def _flat(tree) -> dict[tuple[str, ...], object]:
           for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def input_scale_consumers(model) -> list[Scale]:
-  """Every input-role scale of a built `model`, each with the kernels it folds into.
+def _params_of_form(form) -> list[nnx.Variable]:
+  return [v for _, v in nnx.iter_graph(form) if isinstance(v, nnx.Param)]
 
-  Roles are the data: the model's input-role params must be exactly those of the input
-  scales listed here, so a norm the wiring does not know is an error, not a skip.
+
+def label_roles(model) -> None:
+  """Gives every scale param of a built decoder the role its wiring decides.
+
+  The modules build their scale forms with role `unlabelled`; this is the one place
+  a scale's role is set. Under a variant with `freeze_neutral`, the magnitude params
+  (metadata part 'magnitude': magdir's beta) of scales whose magnitude is
+  function-neutral (`Scale.neutral`) are also marked `frozen`; the optimizer leaves them
+  at their init. A scale param the wiring does not list is an error, not a skip.
   """
-  listed = [s for s in scales(model.config) if s.role == R.INPUT_SCALE]
-  residual = [s.name for s in listed if not s.folds_into]
-  if residual:
-    raise ValueError(f'input-role scales {residual} also feed the residual stream: '
-                     'input-scale consumers are defined for model.placement=pre or sandwich')
-  have = {path[:-1] for path, role in _flat(R.role_tree(model)).items()
-          if role == R.INPUT_SCALE}
-  unknown = have - {s.path for s in listed}
-  missing = [s.name for s in listed
-             if s.path not in have and R.params_of(module_at(model, s.path))]
-  if unknown or missing:
-    raise ValueError(f'the wiring (scalejax/model/wiring.py) disagrees with the model\'s '
-                     f'roles: input-role params under {sorted(map("/".join, unknown))} are '
-                     f'not listed, listed input scales {missing} do not have role input_scale')
-  return listed
+  freeze = model.config.variant_spec.freeze_neutral
+  for s in scales(model.config):
+    form = module_at(model, s.path)
+    form.role = s.role
+    for v in _params_of_form(form):
+      v.set_metadata(role=s.role)
+      if freeze and s.neutral and v.get_metadata().get('part') == 'magnitude':
+        v.set_metadata(frozen=True)
+  left = [path for path, role in _flat(R.role_tree(model, unlabelled_ok=True)).items()
+          if role == R.UNLABELLED]
+  if left:
+    raise ValueError(f'scale params {sorted(map("/".join, left))} are not in the wiring '
+                     '(scalejax/model/wiring.py): a norm the decoder builds needs a record '
+                     'in wiring.scales')

@@ -97,9 +97,12 @@ class _Form(nnx.Module):
   def __init__(self, dim: int, role: str, storage: str):
     self.dim, self.role, self.storage = dim, role, storage
 
-  def _param(self, init: float, shape: tuple[int, ...], axes) -> Param:
+  def _param(self, init: float, shape: tuple[int, ...], axes, part: str = 'vector') -> Param:
+    """`part`: 'magnitude' for a param that only sets gamma's overall size, 'direction'
+    for the rest of a form that has one, 'vector' otherwise (weight decay by part and
+    the freezing of a function-neutral magnitude read it)."""
     stored = 0.0 if self.storage == 'delta' else init
-    return Param(jnp.full(shape, stored, jnp.float32), role=self.role, axes=axes)
+    return Param(jnp.full(shape, stored, jnp.float32), role=self.role, axes=axes, part=part)
 
   def _read(self, p: Param, init: float) -> jax.Array:
     return p[...] + init if self.storage == 'delta' else p[...]
@@ -138,8 +141,8 @@ class MagDirScale(_Form):
 
   def __init__(self, dim, role, storage):
     super().__init__(dim, role, storage)
-    self.beta = self._param(1.0, (), ())
-    self.alpha = self._param(1.0, (dim,), ('norm',))
+    self.beta = self._param(1.0, (), (), part='magnitude')
+    self.alpha = self._param(1.0, (dim,), ('norm',), part='direction')
 
   def __call__(self):
     return self._read(self.beta, 1.0) * self._read(self.alpha, 1.0)
@@ -206,7 +209,7 @@ class Norm(nnx.Module):
   """
 
   def __init__(self, spec: NormSpec, dim: int, role: str, branches: tuple[str, ...] = ('scale',)):
-    if role not in roles.SCALE_ROLES:
+    if role not in roles.SCALE_ROLES + (roles.UNLABELLED,):
       raise ValueError(f'a norm scale has role input_scale or output_scale, got {role!r}')
     self.spec, self.dim, self.branches = spec, dim, tuple(branches)
     for name in self.branches:

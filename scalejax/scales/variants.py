@@ -18,6 +18,9 @@ class Variant:
   hg: bool = False            # branch-specific scales over one shared normalization
   dual: str = 'none'          # 'none' | 'dp' | 'dnp' on model.dual_targets
   norm_decay: str = 'none'    # default scale weight-decay policy: 'all' | 'none' | 'iwd'
+  # Freeze the magnitude part (magdir's beta) of every scale whose magnitude is
+  # function-neutral (model/wiring.py, Scale.neutral): the ablation of a dead parameter.
+  freeze_neutral: bool = False
   summary: str = ''
 
 
@@ -31,6 +34,12 @@ VARIANTS: dict[str, Variant] = {
     'magdir_unit': Variant(scale='magdir_unit', summary='gamma = beta sqrt(d) alpha/|alpha|'),
     'unified': Variant(scale='magdir', hg=True, dual='dnp', norm_decay='iwd',
                        summary='HG + DNP + magdir (OR) + input-only decay (IWD)'),
+    # DNP renormalizes every map a block's input norms feed, so their beta changes
+    # nothing but still takes Adam steps on noise: this freezes it at 1.
+    'unified_frozen': Variant(scale='magdir', hg=True, dual='dnp', norm_decay='iwd',
+                              freeze_neutral=True,
+                              summary='unified with beta frozen where its magnitude is '
+                                      'function-neutral'),
     # HG splits a norm that feeds several maps; a Post-Norm output also feeds the
     # residual stream, so Post-Norm gets the rest of the recipe.
     'unified_nohg': Variant(scale='magdir', dual='dnp', norm_decay='iwd',

@@ -25,6 +25,17 @@ NORM_DECAY_POLICIES: dict[str, tuple[str, ...]] = {
 }
 
 
+# optimizer.magdir_decay -> the parts of a two-part scale form (magdir's beta, alpha; see
+# norms.py) that decayed scale roles leave undecayed. gamma = beta * alpha, so decaying
+# both shrinks gamma by (1 - lr wd)^2 a step, twice the vector form's rate; either part
+# alone gives the vector form's rate.
+MAGDIR_DECAY: dict[str, tuple[str, ...]] = {
+    'both': (),
+    'direction': ('magnitude',),  # alpha only
+    'magnitude': ('direction',),  # beta only
+}
+
+
 def decay_rates(policy: str, weight_decay: float, *, embedding: float | None = None,
                 other: float = 0.0, scale: float | None = None) -> dict[str, float]:
   """Per-role decay rates for a named scale policy.
@@ -44,13 +55,26 @@ def decay_rates(policy: str, weight_decay: float, *, embedding: float | None = N
   return rates
 
 
-def role_weight_decay(rates: Mapping[str, float], roles) -> optax.GradientTransformation:
-  """Decoupled weight decay with one rate per role; roles with rate 0 are untouched."""
+def role_weight_decay(rates: Mapping[str, float], roles, parts=None,
+                      magdir_decay: str = 'both') -> optax.GradientTransformation:
+  """Decoupled weight decay with one rate per role; roles with rate 0 are untouched.
+
+  `parts` (the tree `roles.part_tree` reads) and `magdir_decay` (a key of
+  `MAGDIR_DECAY`) leave one part of a two-part scale form undecayed.
+  """
   unknown = set(rates) - set(R.ROLES)
   if unknown:
     raise ValueError(f'unknown roles in decay rates: {sorted(unknown)}; valid: {R.ROLES}')
+  if magdir_decay not in MAGDIR_DECAY:
+    raise ValueError(f'unknown optimizer.magdir_decay {magdir_decay!r}; valid: '
+                     f'{", ".join(MAGDIR_DECAY)}')
+  skip = MAGDIR_DECAY[magdir_decay]
+  if skip and parts is None:
+    raise ValueError(f'optimizer.magdir_decay={magdir_decay!r} needs the params\' parts')
+  parts = jax.tree.map(lambda r: '', roles) if parts is None else parts
   parts = [optax.masked(optax.add_decayed_weights(rate),
-                        jax.tree.map(lambda r, role=role: r == role, roles))
+                        jax.tree.map(lambda r, p, role=role: r == role and p not in skip,
+                                     roles, parts))
            for role, rate in rates.items() if rate]
   return optax.chain(*parts) if parts else optax.identity()
 

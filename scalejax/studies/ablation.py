@@ -67,6 +67,8 @@ PAPER = {
     'magdir_unit': _v('magdir_unit'),
     'unified': _v('unified'),
     'unified_nohg': _v('unified_nohg'),
+    # beta frozen where DNP makes it function-neutral: does its dead magnitude matter?
+    'unified_frozen': _v('unified_frozen'),
 }
 
 

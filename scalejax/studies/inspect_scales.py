@@ -26,6 +26,7 @@ from scalejax.train.checkpoint import steps as ckpt_steps
 from scalejax.studies.common import parse_runs
 from scalejax.train.runs import load_run
 from scalejax.analysis.scale_stats import (effective_scale_statistics, effective_scales, preconditioner_statistics)
+from scalejax.model import wiring
 
 STATS = ('mean', 'std', 'min', 'max', 'norm')
 
@@ -50,6 +51,7 @@ def inspect_run(workdir: str, steps: list[int] | None = None) -> dict:
     out['variant'], out['placement'] = cfg.model.variant, cfg.model.placement
   out['gammas'] = {k: np.asarray(g).tolist() for k, (_, g) in effective_scales(model).items()}
   out['roles'] = {k: r for k, (r, _) in effective_scales(model).items()}
+  out['neutral'] = sorted(s.name for s in wiring.scales(model.config) if s.neutral)
   return out
 
 
@@ -91,6 +93,10 @@ def report(runs: dict[str, dict]) -> str:
       name, layer = split_layer(key)
       lines.append(f'| {name} | {e["role"]} | {"" if layer is None else layer} | '
                    + ' | '.join(f'{e[s]:.4g}' for s in STATS) + ' |')
+    if data.get('neutral'):
+      lines += ['', 'Function-neutral magnitudes (every consumer renormalizes, so a constant '
+                'factor on these gammas changes nothing; their size only sets an effective '
+                'LR): ' + ', '.join(f'`{n}`' for n in data['neutral'])]
     if last['precond']:
       lines += ['', 'Preconditioner bounds per input-role scale: gamma_j^2 (mean) and the '
                 'upper bound u_j = gamma_j^2 + ||w_j||^2 over columns j:', '',

@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
       embedding_decay=-1.0,   # < 0: same as weight_decay
       norm_decay='variant',   # 'all' | 'none' | 'iwd' | 'variant' (the variant's default)
       scale_decay=-1.0,       # rate for decayed scale roles; < 0: same as weight_decay
+      magdir_decay='both',    # parts of magdir scales decayed: 'both' | 'direction' | 'magnitude'
       scale_lr_mult=1.0,      # LR multiplier for every scale-vector param (study knob)
       b1=0.9,
       b2=0.95,
@@ -133,20 +134,28 @@ def role_rates(opt_cfg, variant_default: str) -> dict[str, float]:
       scale=None if opt_cfg.scale_decay < 0 else opt_cfg.scale_decay)
 
 
-def build_optimizer(opt_cfg, roles, axes, total_steps: int, variant_default: str = 'none'):
-  """Returns (optax transformation, schedule, per-role decay rates)."""
+def build_optimizer(opt_cfg, roles, axes, total_steps: int, variant_default: str = 'none', *,
+                    parts=None, frozen=None):
+  """Returns (optax transformation, schedule, per-role decay rates).
+
+  `parts` and `frozen` are the trees `roles.part_tree` / `roles.frozen_tree` read off
+  the model: which part of a scale form each param is (for `magdir_decay`), and which
+  params stay at their init (a variant's frozen function-neutral magnitudes).
+  """
   if opt_cfg.name not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer.name {opt_cfg.name!r}; valid: {", ".join(OPTIMIZERS)}')
   schedule = make_schedule(opt_cfg, total_steps)
   rates = role_rates(opt_cfg, variant_default)
-  parts = []
+  chain = []
   if opt_cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
-  parts.append(OPTIMIZERS[opt_cfg.name](opt_cfg, roles, axes))
+    chain.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+  chain.append(OPTIMIZERS[opt_cfg.name](opt_cfg, roles, axes))
   if any(rates.values()):  # an all-zero policy has nothing to chain
-    parts.append(role_weight_decay(rates, roles))
+    chain.append(role_weight_decay(rates, roles, parts, opt_cfg.magdir_decay))
   if opt_cfg.scale_lr_mult != 1.0:
     is_scale = jax.tree.map(lambda r: r in R.SCALE_ROLES, roles)
-    parts.append(optax.masked(optax.scale(opt_cfg.scale_lr_mult), is_scale))
-  parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts), schedule, rates
+    chain.append(optax.masked(optax.scale(opt_cfg.scale_lr_mult), is_scale))
+  chain.append(optax.scale_by_learning_rate(schedule))
+  if frozen is not None and any(jax.tree.leaves(frozen)):
+    chain.append(optax.masked(optax.set_to_zero(), frozen))
+  return optax.chain(*chain), schedule, rates

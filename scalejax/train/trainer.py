@@ -22,9 +22,10 @@ from scalejax import data as data_lib
 from scalejax.train import nonfinite, preemption, records
 from scalejax.train import metrics as metrics_lib
 from scalejax.core import roles, sharding
+from scalejax.model import wiring
 from scalejax.model.counting import flops_per_token, param_counts
 from scalejax.model.decoder import build_model, cross_entropy
-from scalejax.train.optim import build_optimizer, make_schedule, resolve_norm_decay
+from scalejax.train.optim import build_optimizer, make_schedule
 from scalejax.analysis.scale_stats import (precond_means, preconditioner_statistics, role_means,
                                            scale_statistics)
 from scalejax.scales.weight_decay import decay_table
@@ -66,8 +67,9 @@ def build_run(cfg: ConfigDict, workdir: str | None, devices=None, abstract: bool
   graphdef, abstract_params = nnx.split(abstract_model)
   abstract_params = nnx.to_pure_dict(abstract_params)
   role_tree, axes_tree = roles.role_tree(abstract_model), roles.axes_tree(abstract_model)
-  tx, schedule, rates = build_optimizer(cfg.optimizer, role_tree, axes_tree, cfg.train.steps,
-                                        model_cfg.variant_spec.norm_decay)
+  tx, schedule, rates = build_optimizer(
+      cfg.optimizer, role_tree, axes_tree, cfg.train.steps, model_cfg.variant_spec.norm_decay,
+      parts=roles.part_tree(abstract_model), frozen=roles.frozen_tree(abstract_model))
 
   param_sh = sharding.tree_shardings(axes_tree, abstract_params, mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -235,9 +237,18 @@ def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> di
   peak, peak_src = metrics_lib.device_peak_flops()
   peak_total = peak * jax.device_count()
   if is_main and start == 0:
-    log.info('model %s: %s params (%s in norms)\n%s\nMFU peak: %.3g FLOP/s per device (%s)',
+    scales = wiring.scale_table(run.model_cfg)
+    for line in (wiring.neutral_summary(run.model_cfg),
+                 run.model_cfg.placement == 'post' and
+                 f'Post-Norm norms have role {run.model_cfg.post_norm_role}_scale '
+                 '(model.post_norm_role: they feed linear maps and the residual stream)'):
+      scales += f'\n{line}' if line else ''
+    log.info('model %s: %s params (%s in norms)\n%s\n%s\nMFU peak: %.3g FLOP/s per device (%s)',
              run.model_cfg.variant, f'{counts["total"]:,}', f'{counts["norm"]:,}',
-             decay_table(state['params'], run.roles, run.rates), peak, peak_src)
+             decay_table(state['params'], run.roles, run.rates), scales, peak, peak_src)
+    if cfg.optimizer.magdir_decay != 'both':
+      log.info('magdir scales: only the %s part decays (optimizer.magdir_decay)',
+               cfg.optimizer.magdir_decay)
     log.info('optimizer %s, schedule %s, lr %g, scale-vector lr multiplier %g',
              cfg.optimizer.name, cfg.optimizer.schedule, cfg.optimizer.lr,
              cfg.optimizer.scale_lr_mult)
