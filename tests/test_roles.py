@@ -31,17 +31,18 @@ from scalejax.train.config import load_config
 TINY = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=8,
             moe_experts=3, moe_top_k=2, moe_expert_ff=8, moe_capacity_factor=1.5,
             norm_eps=1e-12)
-# Every variant x placement x QK-norm x storage x dense/MoE is 226 models, about 4 minutes
-# on a 2-core CPU: SCALEJAX_FULL_GRID=1 runs all of them. By default the valid (variant,
-# placement) pairs take the rows of the orthogonal array over (QK-norm, storage, MoE)
-# below in turn; with the extra cases after GRID every pair of values of any two factors
-# appears (test_the_default_grid_covers_every_pair_of_factor_values).
+# Every variant x placement x QK-norm x storage x dense/MoE is 216 models, about 4
+# minutes on two cores (--dist load): SCALEJAX_FULL_GRID=1 runs all of them. By default
+# the valid (variant, placement) pairs take the rows of the orthogonal array over
+# (QK-norm, storage, MoE) below in turn; with the extra cases after GRID every pair of
+# values of any two factors appears (test_the_default_grid_covers_every_pair_...).
 _BINARY = [(False, 'direct', 'dense'), (True, 'delta', 'dense'), (False, 'delta', 'moe'),
            (True, 'direct', 'moe')]
 _PAIRS = [(v, p) for v in VARIANTS for p in ('pre', 'sandwich', 'post')
           if not (p == 'post' and VARIANTS[v].hg)]
 if os.environ.get('SCALEJAX_FULL_GRID'):
-  _ROWS = [(pair, b) for pair in _PAIRS for b in _BINARY]
+  _ROWS = [(pair, b) for pair in _PAIRS for b in itertools.product(
+      (False, True), ('direct', 'delta'), ('dense', 'moe'))]
 else:
   _ROWS = [(pair, _BINARY[i % 4]) for i, pair in enumerate(_PAIRS)]
 GRID = [dict(variant=v, placement=p, qk_norm=qk, scale_storage=st, mlp=mlp)

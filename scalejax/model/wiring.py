@@ -3,15 +3,19 @@
 `scales(config)` lists one `Scale` per scale form the decoder builds (a norm's branch,
 or DP's bare output scale) with the `Consumer`s its output reaches: the next kernel and
 the ops in between (`OPS`), or the residual stream. `kernels(config)` lists every
-weight of a linear map and the embedding table. Parameter counts (counting.py), the
-preconditioner bounds (analysis/scale_stats.py) and folding (analysis/quant.py) read
-these records instead of keeping their own map of the model.
+weight of a linear map and the embedding table. Each scale's role follows from its
+consumers (`scale_role`: input when it folds into them) and the decoder labels its
+params with it (`label_roles`); whether its magnitude is function-neutral follows too
+(`Scale.neutral`). Parameter counts (counting.py), the preconditioner bounds
+(analysis/scale_stats.py), folding (analysis/folding.py) and docs/ROLES.md
+(cli/roles_doc.py) read these records instead of keeping their own map of the model.
 
 The records are derived from the same facts the modules are built from: the maps a norm
 feeds are the module's `BRANCHES` (`Attention`, `MLP`, `MoE`, the router included), DP/DNP
 wrap the maps `layers.dual_mode` names, a Post-Norm block has no final norm, a tied head
 is the embedding table used transposed. tests/test_wiring.py checks them against built
-models. The last section reads records off a built model (`module_at`, `form_gamma`).
+models, tests/test_roles.py against the logits. The last section reads records off a
+built model (`module_at`, `form_gamma`) and labels it.
 """
 
 from __future__ import annotations

@@ -271,8 +271,8 @@ def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> di
     # summary scalars come to the host, and only process 0's writer writes.
     stats = scale_statistics(state['params'], run.roles, run.axes)
     if stats:
-      # Empty for Post-Norm: its input-role scales also feed the residual stream
-      # (model/wiring.py), so the preconditioner formula does not apply as stated.
+      # Bounds for the scales that fold (model/wiring.py); Post-Norm's norms also feed
+      # the residual stream, so the preconditioner formula does not apply to them.
       precond = preconditioner_statistics(nnx.merge(run.graphdef, state['params']))
       writer.write({'step': step, 'scales': stats, 'precond': precond}, name='scale_stats')
       writer.write({'step': step, **role_means(stats), **precond_means(precond)},
