@@ -19,6 +19,7 @@ from scalejax.scales.variants import get_variant
 
 MLP_KINDS = ('dense', 'moe')  # model.mlp; 'moe': every layer's MLP is a moe.MoE
 PLACEMENTS = ('pre', 'post', 'sandwich')
+POST_NORM_ROLES = ('input', 'output')  # model.post_norm_role
 DUAL_TARGETS = ('q', 'k', 'v', 'gate', 'up')
 REMAT_POLICIES = {
     'none': None,
@@ -71,8 +72,8 @@ class ModelConfig:
     v = self.variant_spec
     checks = [
         (self.placement in PLACEMENTS, f'model.placement must be one of {PLACEMENTS}'),
-        (self.post_norm_role in ('input', 'output'),
-         "model.post_norm_role must be 'input' or 'output'"),
+        (self.post_norm_role in POST_NORM_ROLES,
+         f'model.post_norm_role must be one of {POST_NORM_ROLES}'),
         (self.dtype in DTYPES, f'model.dtype must be one of {tuple(DTYPES)}'),
         (self.remat in REMAT_POLICIES, f'model.remat must be one of {tuple(REMAT_POLICIES)}'),
         (set(self.dual_targets) <= set(DUAL_TARGETS),

@@ -56,7 +56,6 @@ OPS = {
 LAYER_RELATIONS = ('same', 'next', 'last')  # values of Consumer.layer
 # Logical axes that stack copies of a module: the decoder's layers, the MoE's experts.
 STACK_AXES = ('layers', 'expert')
-POST_NORM_ROLES = ('input', 'output')  # model.post_norm_role
 
 HEAD = ('head', 'kernel')  # the untied LM head's kernel
 ATTN, MLP_PATH = ('blocks', 'attn'), ('blocks', 'mlp')
