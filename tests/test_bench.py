@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from scalejax.cli import bench
-from scalejax.train import xla_flags
+from scalejax.train import metrics, xla_flags
 from scalejax.train.config import load_config
 
 ROOT = Path(__file__).parents[1]
@@ -96,3 +96,15 @@ def test_tuning_can_be_turned_off(monkeypatch):
   monkeypatch.setattr(xla_flags, '_applied', {})
   monkeypatch.setenv('SCALEJAX_NO_TUNING', '1')
   assert xla_flags.apply() == {'malloc': False, 'xla_flags': False}
+
+
+def test_the_cpu_peak_is_the_median_of_its_probes(monkeypatch):
+  """One busy second moves one probe, not the MFU: train.py and the bench divide by the
+  median of the probes they took (on CPU the probe measures the whole machine)."""
+  readings = iter([100e9, 20e9, 110e9, 105e9, 90e9, 5e9])
+  monkeypatch.setattr(metrics, 'matmul_probe', lambda: lambda: next(readings))
+  peak = metrics.Peak(first=3)
+  assert peak.samples == [100e9, 20e9, 110e9] and peak.flops == 100e9
+  peak.sample(), peak.sample(), peak.sample()
+  assert peak.flops == 95e9 and peak.total(8) == 95e9
+  assert metrics.Peak(first=0).flops != metrics.Peak(first=0).flops  # nan before a probe

@@ -124,13 +124,11 @@ def build_case(cfg, name: str, n_batches: int, call: str = 'compiled') -> Case:
               mesh=run.mesh if call == 'jit' else None)
 
 
-def measure(cases: list[Case], rounds: int, steps: int, warmup: int,
-            probe=None) -> list[float]:
-  """Times `rounds` rounds of `steps` steps of every case; returns the probe's FLOP/s."""
+def measure(cases: list[Case], rounds: int, steps: int, warmup: int, probe=None) -> None:
+  """Times `rounds` rounds of `steps` steps of every case, calling `probe()` after each."""
   for case in cases:
     if warmup:  # run(0) has no step whose loss it could return
       case.run(warmup)
-  probe_flops = []
   for _ in range(rounds):
     for case in cases:
       t, c, f = time.perf_counter(), time.process_time(), _minor_faults()
@@ -139,8 +137,7 @@ def measure(cases: list[Case], rounds: int, steps: int, warmup: int,
       case.cpu.append((time.process_time() - c) / steps)
       case.faults.append((_minor_faults() - f) / steps)
     if probe is not None:
-      probe_flops.append(probe())
-  return probe_flops
+      probe()
 
 
 def _minor_faults() -> int:
@@ -295,23 +292,16 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
   cases = [build_case(cfg, v, n_batches=min(steps, 16), call=call) for v in variants]
   if reference:
     cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
-  on_cpu = jax.devices()[0].platform == 'cpu'
-  if on_cpu:
-    probe = metrics.matmul_probe()
-    peak_source = 'cpu float32 matmul probe, same rounds'
-  else:
-    probe = None
-    peak, peak_source = metrics.device_peak_flops()
-    peak *= jax.device_count()
-  probe_flops = measure(cases, rounds, steps, warmup, probe)
-  if on_cpu:
-    peak = statistics.median(probe_flops)
-  rows = report(cases, peak, peak_source)
+  # The trainer's measure of the peak: on CPU one probe per round, their median.
+  peak = metrics.Peak(first=0)
+  measure(cases, rounds, steps, warmup, peak.sample)
+  peak_source = peak.source + (', one per round' if peak.samples else '')
+  rows = report(cases, peak.total(jax.device_count()), peak_source)
   return dict(
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       machine=machine(), load_avg_start=load_start, load_avg_end=loadavg(),
-      peak_flops=peak, peak_source=peak_source,
-      probe_flops_rounds=probe_flops, rounds=rounds, steps_per_round=steps, warmup=warmup,
+      peak_flops=peak.total(jax.device_count()), peak_source=peak_source,
+      probe_flops_rounds=peak.samples, rounds=rounds, steps_per_round=steps, warmup=warmup,
       call=call,
       batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
       model=cfg.model.to_dict(), results=rows)

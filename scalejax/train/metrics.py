@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import statistics
 import time
 
 import jax
@@ -35,22 +35,52 @@ def matmul_probe(n: int = 1024):
   return probe
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 n x n matmul on this CPU: the CPU's practical peak."""
-  return matmul_probe(n)(repeats)
+class Peak:
+  """Peak FLOP/s per device, the denominator of MFU.
+
+  TPU/GPU: the dense bf16 figure of `PEAK_FLOPS`. CPU: the median of float32 matmul
+  probes (`matmul_probe`, each the best of 3), `first` of them at start and one more at
+  every `sample()`. One probe reads whatever load the machine had in that second; the
+  median of several taken over a run does not follow one busy second. The bench takes
+  the same probe once per round and the same median, so the two report one MFU for one
+  step time.
+  """
+
+  def __init__(self, device=None, first: int = 5):
+    device = device or jax.devices()[0]
+    self.samples: list[float] = []
+    self._probe = matmul_probe() if device.platform == 'cpu' else None
+    if self._probe is None:
+      kind = device.device_kind.lower()
+      self._fixed, self.source = next(
+          ((peak, f'{device.device_kind} bf16 dense peak') for key, peak in PEAK_FLOPS
+           if key in kind), (float('nan'), f'unknown device {device.device_kind}'))
+    else:
+      self.source = 'cpu float32 matmul probe, median of repeated probes'
+      for _ in range(first):
+        self.sample()
+
+  def sample(self) -> None:
+    """One more probe (CPU only; a no-op elsewhere)."""
+    if self._probe is not None:
+      self.samples.append(self._probe())
+
+  @property
+  def flops(self) -> float:
+    if self._probe is None:
+      return self._fixed
+    return statistics.median(self.samples) if self.samples else float('nan')
+
+  def total(self, n_devices: int) -> float:
+    """Peak of `n_devices` devices: a CPU probe already measures the whole machine
+    (emulated host devices share its cores), an accelerator's figure is per chip."""
+    return self.flops if self._probe is not None else self.flops * n_devices
 
 
 def device_peak_flops(device=None) -> tuple[float, str]:
   """(peak FLOP/s per device, where the figure comes from)."""
-  device = device or jax.devices()[0]
-  if device.platform == 'cpu':
-    return cpu_matmul_peak(), 'cpu float32 matmul probe'
-  kind = device.device_kind.lower()
-  for key, peak in PEAK_FLOPS:
-    if key in kind:
-      return peak, f'{device.device_kind} bf16 dense peak'
-  return float('nan'), f'unknown device {device.device_kind}'
+  peak = Peak(device)
+  return peak.flops, peak.source
 
 
 class Writer:
