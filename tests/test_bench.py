@@ -108,3 +108,15 @@ def test_the_cpu_peak_is_the_median_of_its_probes(monkeypatch):
   peak.sample(), peak.sample(), peak.sample()
   assert peak.flops == 95e9 and peak.total(8) == 95e9
   assert metrics.Peak(first=0).flops != metrics.Peak(first=0).flops  # nan before a probe
+
+
+def test_loop_call_times_the_train_loops_own_step_next_to_the_compiled_one():
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  out = bench.run_benchmark(cfg, ['baseline'], rounds=1, steps=3, warmup=1,
+                            call=['compiled', 'loop'])
+  compiled, loop = out['results']
+  assert out['call'] == 'compiled,loop'
+  assert (compiled['variant'], loop['variant']) == ('baseline', 'baseline@loop')
+  assert loop['step_ratio'] > 0 and math.isfinite(loop['loss']) and math.isfinite(compiled['loss'])
+  with pytest.raises(ValueError, match='unknown --call'):
+    bench.run_benchmark(cfg, ['baseline'], rounds=1, steps=1, warmup=0, call=['eager'])

@@ -22,13 +22,15 @@ Data come from the config's pipeline, fetched before timing. `--nanogpt_torch` a
 nanoGPT's model and optimizer step in PyTorch (if installed) to the same rounds: an
 external reference measured under the same load.
 
-`--call=jit` times each step as the train loop makes it, a call of the jitted function
-inside the mesh context (its cache lookup and dispatch included), instead of a call of
-the compiled executable; the difference between two such runs is what calling through
-jit costs per step:
+`--call=jit` times each step as a call of the jitted function inside the mesh context
+(its cache lookup and dispatch included) instead of a call of the compiled executable;
+`--call=loop` times the train loop's own step (`trainer.advance`: the next batch from
+the data pipeline put on the mesh, the jitted step, the previous step's verdict read).
+Several calls time every variant once per call in the same rounds, so the ratio of
+`baseline@loop` to `baseline` is the loop's cost over the step, under one load:
 
     python -m scalejax.cli.bench --config configs/shakespeare_char.py \
-        --variants baseline,unified,no_scale --call=jit --rounds 7 --steps 20
+        --variants baseline --call=compiled,loop --rounds 7 --steps 20
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ from scalejax.cli import common  # noqa: E402
 from scalejax.core import sharding  # noqa: E402
 from scalejax.model import counting  # noqa: E402
 from scalejax.scales.variants import VARIANTS  # noqa: E402
-from scalejax.train import metrics, trainer  # noqa: E402
+from scalejax.train import metrics, nonfinite, trainer  # noqa: E402
 
-CALLS = ('compiled', 'jit')  # what a timed step calls (--call)
+CALLS = ('compiled', 'jit', 'loop')  # what a timed step calls (--call)
 
 FIELDS = ('variant', 'compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'page_faults',
           'tokens_per_s', 'flops_per_step', 'mfu', 'peak_bytes', 'device_peak_bytes', 'step_ratio',
@@ -102,10 +104,12 @@ def compiled_bytes(compiled) -> int:
              + m.temp_size_in_bytes)
 
 
-def build_case(cfg, name: str, n_batches: int, call: str = 'compiled') -> Case:
+def build_case(cfg, variant: str, n_batches: int, call: str = 'compiled',
+               name: str | None = None) -> Case:
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
-    cfg.model.variant = name
+    cfg.model.variant = variant
+  name = name or variant
   run, state = trainer.build_run(cfg, workdir=None)
   batches = [sharding.global_batch(next(run.data.train_iter), run.mesh)
              for _ in range(n_batches)]
@@ -114,14 +118,34 @@ def build_case(cfg, name: str, n_batches: int, call: str = 'compiled') -> Case:
     t = time.perf_counter()
     compiled = jitted.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t
-    if call == 'jit':  # ahead-of-time compiling does not fill jit's cache: its first call
+    if call in ('jit', 'loop'):  # ahead-of-time compiling does not fill jit's cache: its first call
       state, m = jitted(state, batches[0])  # compiles again, here and untimed
       jax.block_until_ready(m)
   tokens = cfg.train.batch_size * cfg.train.seq_len
   flops = counting.flops_per_token(run.model_cfg, cfg.train.seq_len) * tokens
-  return Case(name, jitted if call == 'jit' else compiled, state, batches, tokens, flops,
-              compile_s, compiled_bytes(compiled), vocab=run.model_cfg.vocab_size,
-              mesh=run.mesh if call == 'jit' else None)
+  args = (state, batches, tokens, flops, compile_s, compiled_bytes(compiled))
+  if call == 'loop':
+    return LoopCase(name, jitted, *args, vocab=run.model_cfg.vocab_size, mesh=run.mesh,
+                    run_=run, watch=nonfinite.NonFiniteWatch(cfg.train))
+  return Case(name, jitted if call == 'jit' else compiled, *args,
+              vocab=run.model_cfg.vocab_size, mesh=run.mesh if call == 'jit' else None)
+
+
+@dataclasses.dataclass
+class LoopCase(Case):
+  """Steps as `train.py` takes them (`trainer.advance`): the next batch from the data
+  pipeline put on the mesh, the jitted step, the previous step's verdict read."""
+  run_: object = None
+  watch: object = None
+
+  def run(self, n: int) -> float:
+    m = None
+    with jax.set_mesh(self.mesh):
+      for i in range(n):
+        self.state, m, _ = trainer.advance(self.run_, self.step, self.state, self.watch,
+                                           i + 1, -1)
+      jax.block_until_ready(m)
+    return float(m['loss'])
 
 
 def measure(cases: list[Case], rounds: int, steps: int, warmup: int, probe=None) -> None:
@@ -287,9 +311,17 @@ def loadavg() -> float:
 
 
 def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int,
-                  reference: bool = False, call: str = 'compiled') -> dict:
+                  reference: bool = False, call: str | list[str] = 'compiled') -> dict:
+  """`call`: one of CALLS, or several: every variant is then timed once per call, named
+  'VARIANT@CALL' after the first (`baseline@loop` against `baseline`: the loop's cost)."""
   load_start = loadavg()
-  cases = [build_case(cfg, v, n_batches=min(steps, 16), call=call) for v in variants]
+  calls = [call] if isinstance(call, str) else list(call)
+  bad = [c for c in calls if c not in CALLS]
+  if bad or not calls:
+    raise ValueError(f'unknown --call {bad}; valid: {", ".join(CALLS)}')
+  cases = [build_case(cfg, v, n_batches=min(steps, 16), call=c,
+                      name=v if i == 0 else f'{v}@{c}')
+           for i, c in enumerate(calls) for v in variants]
   if reference:
     cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
   # The trainer's measure of the peak: on CPU one probe per round, their median.
@@ -302,7 +334,7 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
       machine=machine(), load_avg_start=load_start, load_avg_end=loadavg(),
       peak_flops=peak.total(jax.device_count()), peak_source=peak_source,
       probe_flops_rounds=peak.samples, rounds=rounds, steps_per_round=steps, warmup=warmup,
-      call=call,
+      call=','.join(calls),
       batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
       model=cfg.model.to_dict(), results=rows)
 
@@ -316,8 +348,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('steps', 10, 'steps per variant per round', flag_values=fv)
   flags.DEFINE_integer('warmup', 3, 'untimed steps per variant after compilation',
                        flag_values=fv)
-  flags.DEFINE_enum('call', 'compiled', CALLS, 'what a timed step calls: the compiled '
-                    'executable, or the jitted function as the train loop calls it',
+  flags.DEFINE_list('call', ['compiled'], 'what a timed step calls, one or more of '
+                    f'{", ".join(CALLS)}: the compiled executable, the jitted function '
+                    'inside the mesh, or the train loop\'s step (next batch, step, verdict)',
                     flag_values=fv)
   flags.DEFINE_string('json', '', 'write the results here as JSON', flag_values=fv)
   flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '

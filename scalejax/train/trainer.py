@@ -286,10 +286,7 @@ def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> di
   todo = range(start + 1, steps + 1) if not stopped else range(0)
   with jax.set_mesh(run.mesh):
     for step in todo:
-      batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
-      state, m = train_step(state, batch)
-      # The previous step's verdict, read while this one runs; the last step's at once.
-      diverged = watch.push(step, m) or (watch.flush() if step == steps else None)
+      state, m, diverged = advance(run, train_step, state, watch, step, steps)
       if step % cfg.train.log_every == 0 or step == steps:
         m = jax.device_get(m)
         now = time.perf_counter()
@@ -335,6 +332,17 @@ def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> di
   final['state'] = state
   final['run'] = run
   return final
+
+
+def advance(run: Run, train_step, state, watch, step: int, last_step: int):
+  """One step of the train loop: the next batch onto the mesh, the step dispatched, and
+  the previous step's verdict read while this one runs (the last step's at once).
+  Returns (state, metrics, a stop message or None). The bench's `--call=loop` times
+  exactly this, so the loop's overhead over the step is measured in one process."""
+  batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
+  state, m = train_step(state, batch)
+  diverged = watch.push(step, m) or (watch.flush() if step == last_step else None)
+  return state, m, diverged
 
 
 def check_workdir_config(cfg: ConfigDict, workdir: str, checkpoint_step: int | None) -> None:
