@@ -62,9 +62,7 @@ def report(cfg) -> tuple[str, dict[str, int]]:
                             f'(seq_len {cfg.train.seq_len}; 6N + attention)'),
   ]
   text = '\n'.join(f'{k:<18} {v}' for k, v in rows)
-  text += '\n\n' + wiring.scale_table(model_cfg)
-  neutral = wiring.neutral_summary(model_cfg)
-  return text + (f'\n{neutral}' if neutral else ''), counts
+  return text + '\n\n' + wiring.scale_report(model_cfg), counts
 
 
 def define_flags(fv: flags.FlagValues) -> None:

@@ -19,7 +19,6 @@ from scalejax.cli import common
 from scalejax.core import roles as R
 from scalejax.model import wiring
 from scalejax.model.config import ModelConfig
-from scalejax.scales.norms import SCALE_FORMS
 from scalejax.scales.variants import VARIANTS
 
 SMALL = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4)
@@ -98,8 +97,7 @@ def _counts() -> str:
            '|---|---:|---:|---:|']
   for name in VARIANTS:
     config = ModelConfig(**SHAKESPEARE, variant=name)
-    form = SCALE_FORMS[config.norm_spec.scale]
-    size = lambda keep: sum(form.param_count(s.dim) * s.copies
+    size = lambda keep: sum(wiring.scale_params(config, s)
                             for s in wiring.scales(config) if keep(s))
     lines.append(f'| `{name}` | {size(lambda s: s.role == R.INPUT_SCALE):,} | '
                  f'{size(lambda s: s.role == R.OUTPUT_SCALE):,} | {size(lambda s: s.neutral):,} |')

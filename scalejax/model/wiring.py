@@ -351,12 +351,17 @@ def feeds(scale: Scale) -> str:
   return ', '.join(uses)
 
 
+def scale_params(config: ModelConfig, scale: Scale) -> int:
+  """Params of one scale record, every copy (layer, expert) counted; the form counts its
+  own."""
+  return SCALE_FORMS[config.norm_spec.scale].param_count(scale.dim) * scale.copies
+
+
 def scale_table(config: ModelConfig, *, markdown: bool = False) -> str:
   """One row per scale: role, params, what it feeds, whether it folds, and whether its
-  magnitude is function-neutral (logged at start-up, printed by the param report)."""
-  form = SCALE_FORMS[config.norm_spec.scale]
+  magnitude is function-neutral."""
   head = ('scale', 'role', 'params', 'folds', 'neutral magnitude', 'feeds')
-  rows = [(s.name, s.role.split('_')[0], f'{form.param_count(s.dim) * s.copies:,}',
+  rows = [(s.name, s.role.split('_')[0], f'{scale_params(config, s):,}',
            'yes' if s.folds else 'no', 'yes' if s.neutral else 'no', feeds(s))
           for s in scales(config)]
   if markdown:
@@ -368,14 +373,21 @@ def scale_table(config: ModelConfig, *, markdown: bool = False) -> str:
   return '\n'.join(map(fmt, [head] + rows))
 
 
-def neutral_summary(config: ModelConfig) -> str:
-  """A line naming the scales whose magnitude is function-neutral ('' if none)."""
+def scale_report(config: ModelConfig) -> str:
+  """`scale_table`, then a line naming the scales whose magnitude is function-neutral
+  and, for Post-Norm, the role its norms were given: what the training log and the
+  param report print."""
+  lines = [scale_table(config)]
   names = [s.name for s in scales(config) if s.neutral]
-  if not names:
-    return ''
-  frozen = ' (their magnitude params are frozen)' if config.variant_spec.freeze_neutral else ''
-  return (f'{len(names)} scale(s) with a function-neutral magnitude (every consumer '
-          f'renormalizes; decay only changes their effective LR){frozen}: {", ".join(names)}')
+  if names:
+    frozen = ' (their magnitude params are frozen)' if config.variant_spec.freeze_neutral else ''
+    lines.append(f'{len(names)} scale(s) with a function-neutral magnitude (every consumer '
+                 f'renormalizes; decay only changes their effective LR){frozen}: '
+                 f'{", ".join(names)}')
+  if config.placement == 'post':
+    lines.append(f'Post-Norm norms have role {config.post_norm_role}_scale '
+                 '(model.post_norm_role: they feed linear maps and the residual stream)')
+  return '\n'.join(lines)
 
 
 # --- reading records off a built model ----------------------------------------------

@@ -36,6 +36,14 @@ MAGDIR_DECAY: dict[str, tuple[str, ...]] = {
 }
 
 
+def undecayed_parts(magdir_decay: str) -> tuple[str, ...]:
+  """The parts `optimizer.magdir_decay` leaves undecayed; an unknown value is an error."""
+  if magdir_decay not in MAGDIR_DECAY:
+    raise ValueError(f'unknown optimizer.magdir_decay {magdir_decay!r}; valid: '
+                     f'{", ".join(MAGDIR_DECAY)}')
+  return MAGDIR_DECAY[magdir_decay]
+
+
 def decay_rates(policy: str, weight_decay: float, *, embedding: float | None = None,
                 other: float = 0.0, scale: float | None = None) -> dict[str, float]:
   """Per-role decay rates for a named scale policy.
@@ -65,10 +73,7 @@ def role_weight_decay(rates: Mapping[str, float], roles, parts=None,
   unknown = set(rates) - set(R.ROLES)
   if unknown:
     raise ValueError(f'unknown roles in decay rates: {sorted(unknown)}; valid: {R.ROLES}')
-  if magdir_decay not in MAGDIR_DECAY:
-    raise ValueError(f'unknown optimizer.magdir_decay {magdir_decay!r}; valid: '
-                     f'{", ".join(MAGDIR_DECAY)}')
-  skip = MAGDIR_DECAY[magdir_decay]
+  skip = undecayed_parts(magdir_decay)
   if skip and parts is None:
     raise ValueError(f'optimizer.magdir_decay={magdir_decay!r} needs the params\' parts')
   parts = jax.tree.map(lambda r: '', roles) if parts is None else parts

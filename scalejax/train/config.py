@@ -19,7 +19,7 @@ from scalejax import data as data_lib
 from scalejax.train import optim
 from scalejax.core import sharding
 from scalejax.model.config import ModelConfig
-from scalejax.scales.weight_decay import MAGDIR_DECAY
+from scalejax.scales.weight_decay import undecayed_parts
 
 
 def base_config() -> ConfigDict:
@@ -149,9 +149,7 @@ def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
                      f'{", ".join(optim.SCHEDULES)}')
   if o.norm_decay != 'variant':
     optim.role_rates(o, 'none')
-  if o.magdir_decay not in MAGDIR_DECAY:
-    raise ValueError(f'unknown optimizer.magdir_decay {o.magdir_decay!r}; valid: '
-                     f'{", ".join(MAGDIR_DECAY)}')
+  undecayed_parts(o.magdir_decay)
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
       cfg.mesh, jax.device_count() if n_devices is None else n_devices)))
   shards = sizes['data'] * sizes['fsdp'] * sizes['expert']  # the `batch` logical axis

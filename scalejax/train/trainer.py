@@ -238,16 +238,10 @@ def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> di
   # measure), so the logged MFU does not move with the load of one second.
   peak = metrics_lib.Peak()
   if is_main and start == 0:
-    scales = wiring.scale_table(run.model_cfg)
-    for line in (wiring.neutral_summary(run.model_cfg),
-                 run.model_cfg.placement == 'post' and
-                 f'Post-Norm norms have role {run.model_cfg.post_norm_role}_scale '
-                 '(model.post_norm_role: they feed linear maps and the residual stream)'):
-      scales += f'\n{line}' if line else ''
     log.info('model %s: %s params (%s in norms)\n%s\n%s\nMFU peak: %.3g FLOP/s per device (%s)',
              run.model_cfg.variant, f'{counts["total"]:,}', f'{counts["norm"]:,}',
-             decay_table(state['params'], run.roles, run.rates), scales, peak.flops,
-             peak.source)
+             decay_table(state['params'], run.roles, run.rates),
+             wiring.scale_report(run.model_cfg), peak.flops, peak.source)
     if cfg.optimizer.magdir_decay != 'both':
       log.info('magdir scales: only the %s part decays (optimizer.magdir_decay)',
                cfg.optimizer.magdir_decay)
