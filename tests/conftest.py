@@ -55,3 +55,15 @@ def compile_once(tmp_path_factory):
     else:
       os.environ[k] = v
   compilation_cache.reset_cache()
+
+
+# The two workers take whole files in collection order. The slowest files (a minute
+# or more of a 2-core machine each, mostly subprocesses and trainings) go first, so
+# that no worker is still on a long one when the other has run out of files.
+SLOW_FIRST = ('test_train.py', 'test_fault_tolerance.py', 'test_sharding.py', 'test_bench.py',
+              'test_roles.py', 'test_multihost.py', 'test_study.py', 'test_aot.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scalejax.cli import bench
+from scalejax.scales.variants import VARIANTS
+from scalejax.train import benchmark
 from scalejax.train import metrics, xla_flags
 from scalejax.train.config import load_config
 
@@ -33,7 +34,7 @@ def test_every_field_for_every_variant(short_run):
   rows = {r['variant']: r for r in out['results']}
   assert list(rows) == ['baseline', 'unified']
   for name, row in rows.items():
-    assert set(bench.FIELDS) <= set(row), set(bench.FIELDS) - set(row)
+    assert set(benchmark.FIELDS) <= set(row), set(benchmark.FIELDS) - set(row)
     for key in ('compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'tokens_per_s',
                 'flops_per_step', 'mfu', 'peak_bytes', 'step_ratio', 'memory_ratio', 'loss'):
       assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (name, key)
@@ -67,13 +68,13 @@ def test_unknown_variant_is_one_clear_error():
   assert "unknown model.variant 'baselin'" in proc.stderr
   assert proc.stderr.strip().splitlines() == [
       f'scalejax.cli.bench: error: unknown model.variant \'baselin\' in --variants; valid: '
-      f'{", ".join(bench.VARIANTS)}']
+      f'{", ".join(VARIANTS)}']
 
 
 def test_jit_call_times_the_step_as_the_train_loop_calls_it():
   # What the former scripts/overhead.py timed: the jitted step inside the mesh context.
   cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
-  out = bench.run_benchmark(cfg, ['baseline'], rounds=1, steps=2, warmup=0, call='jit')
+  out = benchmark.run_benchmark(cfg, ['baseline'], rounds=1, steps=2, warmup=0, call='jit')
   row, = out['results']
   assert out['call'] == 'jit' and row['variant'] == 'baseline'
   assert len(row['step_ms_rounds']) == 1 and row['step_ms'] > 0 and math.isfinite(row['loss'])
@@ -112,11 +113,31 @@ def test_the_cpu_peak_is_the_median_of_its_probes(monkeypatch):
 
 def test_loop_call_times_the_train_loops_own_step_next_to_the_compiled_one():
   cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
-  out = bench.run_benchmark(cfg, ['baseline'], rounds=1, steps=3, warmup=1,
+  out = benchmark.run_benchmark(cfg, ['baseline'], rounds=1, steps=3, warmup=1,
                             call=['compiled', 'loop'])
   compiled, loop = out['results']
   assert out['call'] == 'compiled,loop'
   assert (compiled['variant'], loop['variant']) == ('baseline', 'baseline@loop')
   assert loop['step_ratio'] > 0 and math.isfinite(loop['loss']) and math.isfinite(compiled['loss'])
   with pytest.raises(ValueError, match='unknown --call'):
-    bench.run_benchmark(cfg, ['baseline'], rounds=1, steps=1, warmup=0, call=['eager'])
+    benchmark.run_benchmark(cfg, ['baseline'], rounds=1, steps=1, warmup=0, call=['eager'])
+
+
+def test_gpu_bench_smoke_mode_measures_both_parts(tmp_path):
+  # The one-accelerator script at toy sizes: the largest batch that compiles, the bench's
+  # rounds for baseline and unified, then the two loss curves on the same data.
+  proc = subprocess.run([sys.executable, '-m', 'scalejax.cli.gpu_bench', '--smoke',
+                         '--out', str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads((tmp_path / 'gpu_bench.json').read_text())
+  assert out['smoke'] and out['batch_size'] == 8 and out['batches_tried'][0][0] == 8
+  rows = {r['variant']: r for r in out['speed']['results']}
+  assert list(rows) == ['baseline', 'unified']
+  assert rows['unified']['step_ratio'] > 0 and rows['unified']['memory_ratio'] > 1.0
+  assert rows['baseline']['tokens_per_s'] == pytest.approx(8 * 128 / (rows['baseline']['step_ms'] / 1e3))
+  assert out['curves_skipped'] is None and set(out['curves']) == {'baseline', 'unified'}
+  base, unified = out['curves']['baseline'], out['curves']['unified']
+  assert [s for s, _ in base['eval']] == [s for s, _ in unified['eval']] == [1, 2]
+  assert all(math.isfinite(loss) and loss < 6.0 for _, loss in base['eval'] + unified['eval'])
+  assert (tmp_path / 'curves.png').stat().st_size > 1000

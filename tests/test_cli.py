@@ -25,6 +25,8 @@ COMMANDS = {
     'scalejax.cli.aot': ('config', 'topology', 'json', 'fusion'),
     'scalejax.cli.bench': ('config', 'variants', 'rounds', 'steps', 'warmup', 'call', 'json',
                            'nanogpt_torch'),
+    'scalejax.cli.gpu_bench': ('out', 'smoke', 'batches', 'headroom', 'rounds', 'steps',
+                               'budget_s', 'curve_steps', 'curve_batch', 'corpus', 'corpus_mb'),
     'scalejax.cli.train_spm': ('input', 'vocab_size', 'model_prefix', 'model_type',
                                'byte_fallback', 'input_sentence_size'),
     'scalejax.studies.ablation': ('config', 'out', 'suite', 'variants', 'seeds', 'optimizers',

@@ -24,12 +24,20 @@ ROOT = Path(__file__).parents[1]
 # divide every mesh axis. The unified variant has every kind of scale param.
 DENSE = dict(d_model=32, n_heads=4, d_ff=64, variant='unified')
 MOE = dict(DENSE, mlp='moe', moe_experts=4, moe_top_k=2, moe_expert_ff=32, moe_shared_ff=16)
+# The splash kernel (Pallas interpreter on CPU) runs per device in a shard_map: batch
+# over data, query and kv heads over tensor. Its tiles need 128 tokens.
+SPLASH = dict(DENSE, n_kv_heads=2, attention_impl='splash', max_seq_len=128)
 CASES = {
     'data8': ('dense', dict(data=8, fsdp=1, tensor=1, expert=1), False),
     'fsdp4_tensor2': ('dense', dict(data=1, fsdp=4, tensor=2, expert=1), True),
     'moe_expert4': ('moe', dict(data=2, fsdp=1, tensor=1, expert=4), False),
+    'splash_tensor2': ('splash', dict(data=4, fsdp=1, tensor=2, expert=1), False),
 }
-MODELS = {'dense': DENSE, 'moe': MOE}
+MODELS = {'dense': DENSE, 'moe': MOE, 'splash': SPLASH}
+SEQ_LEN = {'splash': 128}  # others: configs/tiny.py's
+# The single-device reference of the splash case runs XLA's attention: the kernel,
+# sharded, must compute what XLA computes unsharded.
+REFERENCE = {'splash': dict(attention_impl='xla')}
 ONE = dict(data=1, fsdp=1, tensor=1, expert=1)
 # params whose layout the tests check: path -> logical axes they carry
 CHECKED = ('embed/table', 'head/kernel', 'blocks/attn/q/kernel', 'blocks/mlp/gate/kernel',
@@ -52,9 +60,10 @@ def _worker(out_dir: str) -> None:
       name = '/'.join(str(getattr(k, 'key', k)) for k in path)
       yield f'{prefix}/{name}', name, v
 
-  def one_step(name, model, mesh, devices, step):
+  def one_step(name, model, mesh, devices, step, reference=False):
     cfg = tiny_config()
-    cfg.model.update(**MODELS[model])
+    cfg.model.update(**{**MODELS[model], **(REFERENCE.get(model, {}) if reference else {})})
+    cfg.train.seq_len = SEQ_LEN.get(model, cfg.train.seq_len)
     cfg.mesh.update(**mesh)
     # SGD: Adam's first update is g / (|g| + eps), a sign that a rounding-level change
     # of a near-zero gradient can flip; SGD keeps the comparison linear in the grads.
@@ -81,7 +90,7 @@ def _worker(out_dir: str) -> None:
       arrays[key] = np.asarray(v)
 
   for model in MODELS:  # single-device references
-    one_step(f'{model}/single', model, ONE, jax.devices()[:1], step=True)
+    one_step(f'{model}/single', model, ONE, jax.devices()[:1], step=True, reference=True)
   for name, (model, mesh, step) in CASES.items():
     one_step(name, model, mesh, jax.devices(), step)
   np.savez(os.path.join(out_dir, 'results.npz'), **arrays)
@@ -144,6 +153,13 @@ EXPECTED = {
         # ('layers', 'expert', 'embed', 'mlp'): experts split, embed's expert axis taken
         'blocks/mlp/experts/up/kernel': [None, 'expert'],
         'blocks/mlp/router/kernel': [None, 'expert', None],
+        'blocks/mlp_norm/gate/alpha': [],
+    },
+    'splash_tensor2': {
+        'embed/table': ['tensor'],                         # (vocab, embed): no fsdp axis
+        'head/kernel': [None, 'tensor'],
+        'blocks/attn/q/kernel': [None, None, 'tensor'],    # query heads split in two
+        'blocks/mlp/gate/kernel': [None, None, 'tensor'],
         'blocks/mlp_norm/gate/alpha': [],
     },
 }

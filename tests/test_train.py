@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from scalejax.train import trainer
-from scalejax.scales.variants import VARIANTS
 from _util import SHAKESPEARE, run_command_lines, tiny_config
 
 
@@ -56,8 +55,15 @@ def test_resume_is_bit_exact(tmp_path):
     assert a == b, key
 
 
-@pytest.mark.parametrize('variant', list(VARIANTS))
-def test_every_variant_trains(tmp_path, variant):
+# What the trainer sees of a variant is the shape of its scale params: none, one vector,
+# an output-side scale (DP), HG branches with magdir parts and DNP norms (unified), a
+# frozen magnitude (unified_frozen). Every variant's forward and gradients:
+# test_model.py; its roles and decay: test_roles.py, test_weight_decay.py.
+TRAINER_VARIANTS = ('baseline', 'no_scale', 'dp', 'unified', 'unified_frozen')
+
+
+@pytest.mark.parametrize('variant', TRAINER_VARIANTS)
+def test_every_kind_of_scale_param_trains(tmp_path, variant):
   cfg = tiny_config()
   cfg.model.variant = variant
   cfg.train.update(steps=6, eval_every=0, log_every=3)

@@ -38,6 +38,9 @@ BAD_CONFIGS = [
     (_set(optimizer=dict(min_lr_ratio=2.0)), 'optimizer.min_lr_ratio=2.0 must lie in [0, 1]'),
     (_set(checkpoint=dict(keep=0)), 'checkpoint.keep=0 must be positive'),
     (_set(model=dict(placement='middle')), "model.placement must be one of ('pre', 'post'"),
+    (_set(model=dict(attention_impl='flash')), "model.attention_impl must be one of ('auto', 'xla'"),
+    (_set(model=dict(attention_impl='splash')),
+     'model.attention_impl=splash needs train.seq_len a multiple of 128, not 32'),
     (_set(model=dict(vocab_size=10)), None),  # fine: the tokenizer's size is checked later
 ]
 

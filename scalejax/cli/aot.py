@@ -32,6 +32,7 @@ from flax import nnx
 
 from scalejax.train import metrics, trainer
 from scalejax.core import roles, sharding
+from scalejax.model import attention
 from scalejax.model.counting import flops_per_token, param_counts
 from scalejax.model.decoder import feed
 from scalejax.model.layers import Attention, Linear, input_branches
@@ -103,6 +104,9 @@ class Report:
   flops: float | None            # compiler's estimate, per device (layer_extrapolated_cost)
   bytes_accessed: float | None   # compiler's estimate, per device (layer_extrapolated_cost)
   model_flops: float             # analytic (counting.flops_per_token), per device
+  attention: str = 'xla'         # the attention implementation compiled (attention.choose)
+  kernel_flops: float = 0.0      # of those FLOPs and bytes: the splash kernel's (analytic)
+  kernel_bytes: float = 0.0
   peak_flops: float | None = None  # chip's dense bf16 peak (TPU only)
   hbm_bw: float | None = None      # chip's HBM bandwidth, bytes/s (TPU only)
 
@@ -193,6 +197,13 @@ def compile_train_step(cfg, topology: str = 'cpu'):
   flops, bytes_accessed = layer_extrapolated_cost(cfg, devices)
   t = cfg.train
   n_dev = len(devices)
+  m = run.model_cfg
+  impl = attention.for_model(m, t.seq_len, devices[0].platform)
+  # A Pallas kernel is a custom call that XLA's cost analysis counts as 0 FLOPs.
+  kernel_flops, kernel_bytes = (attention.splash_cost(m, t.batch_size / n_dev, t.seq_len)
+                                if impl == 'splash' else (0.0, 0.0))
+  if flops is not None:
+    flops, bytes_accessed = flops + kernel_flops, bytes_accessed + kernel_bytes
   model_flops = flops_per_token(run.model_cfg, t.seq_len) * t.batch_size * t.seq_len / n_dev
   report = Report(
     topology=name, devices=n_dev, device_kind=devices[0].device_kind,
@@ -201,7 +212,8 @@ def compile_train_step(cfg, topology: str = 'cpu'):
     argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
     alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
     code_bytes=mem.generated_code_size_in_bytes, hbm_bytes=hbm,
-    flops=flops, bytes_accessed=bytes_accessed, model_flops=model_flops,
+    flops=flops, bytes_accessed=bytes_accessed, model_flops=model_flops, attention=impl,
+    kernel_flops=kernel_flops, kernel_bytes=kernel_bytes,
     peak_flops=metrics.device_peak_flops(devices[0])[0] if hbm else None,
     hbm_bw=HBM_BW.get(generation(name)))
   return report, compiled
@@ -239,7 +251,10 @@ def format_report(r: Report) -> str:
     f'  total       {g(r.total_bytes)}   args + outputs - aliased + temps + code{verdict}',
     'per device per step:',
     f'  compiler    {est(r.flops, "FLOP")}, {est(r.bytes_accessed, "bytes accessed")} '
-    '(cost_analysis, extrapolated over layers)',
+    '(cost_analysis, extrapolated over layers' + (', plus the kernel below)' if r.kernel_flops else ')'),
+    *([f'  kernel      {r.kernel_flops:.4g} FLOP, {r.kernel_bytes:.4g} bytes   ({r.attention} '
+       'attention, attention.splash_cost: invisible to cost_analysis)'] if r.kernel_flops else
+      [f'  attention   {r.attention}']),
     f'  analytic    {r.model_flops:.4g} FLOP   (counting.flops_per_token: 6N + attention)',
     *([] if r.roofline_s is None else [
       f'  roofline    {1e3 * r.roofline_s:.1f} ms/step, MFU <= {100 * r.roofline_mfu:.1f}% '

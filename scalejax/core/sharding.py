@@ -35,6 +35,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     'act_embed': None,
     'act_vocab': 'tensor',
     'act_expert': 'expert',
+    'act_heads': 'tensor',     # attention's per-head activations (a fused kernel's shard_map)
+    'act_kv_heads': 'tensor',
 }
 
 

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from scalejax.model.attention import IMPLS as ATTENTION_IMPLS
 from scalejax.scales.norms import NormSpec
 from scalejax.scales.variants import get_variant
 
@@ -55,7 +56,9 @@ class ModelConfig:
   dtype: str = 'float32'        # compute dtype; params are always float32
   remat: str = 'none'           # key of REMAT_POLICIES
   scan_unroll: int = 1          # >1 unrolls the layer scan (faster on CPU for few layers)
-  attention_impl: str = ''      # '' lets XLA choose; 'cudnn' / 'xla' force one
+  attention_impl: str = 'auto'  # key of attention.IMPLS; 'auto': the backend's fused kernel
+  attention_block_q: int = 512  # splash tiles (rounded to a multiple of 128 dividing the
+  attention_block_kv: int = 512  # sequence); they change speed, not the result
   init_std: float = 0.02
   mlp: str = 'dense'            # key of MLP_KINDS; 'moe': every layer's MLP is a moe.MoE
   moe_experts: int = 8
@@ -75,6 +78,10 @@ class ModelConfig:
         (self.post_norm_role in POST_NORM_ROLES,
          f'model.post_norm_role must be one of {POST_NORM_ROLES}'),
         (self.dtype in DTYPES, f'model.dtype must be one of {tuple(DTYPES)}'),
+        (self.attention_impl in ATTENTION_IMPLS,
+         f'model.attention_impl must be one of {ATTENTION_IMPLS}'),
+        (min(self.attention_block_q, self.attention_block_kv) >= 128,
+         'model.attention_block_q and model.attention_block_kv must be >= 128'),
         (self.remat in REMAT_POLICIES, f'model.remat must be one of {tuple(REMAT_POLICIES)}'),
         (set(self.dual_targets) <= set(DUAL_TARGETS),
          f'model.dual_targets must be a subset of {DUAL_TARGETS}'),

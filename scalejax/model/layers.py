@@ -8,6 +8,7 @@ from flax import nnx
 
 from scalejax.core import roles
 from scalejax.core.roles import Param
+from scalejax.model import attention
 from scalejax.model.config import ModelConfig
 from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale
 
@@ -105,7 +106,8 @@ class Attention(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = config.d_model, config.n_heads, config.resolved_n_kv_heads, config.resolved_head_dim
     self.n_heads, self.n_kv, self.h, self.theta = n, k, h, config.rope_theta
-    self.impl = config.attention_impl or None
+    self.impl = config.attention_impl
+    self.blocks = (config.attention_block_q, config.attention_block_kv)  # splash tiles
     dual = lambda name: dual_mode(config, name)
     spec = config.norm_spec
     self.q = Linear(d, n * h, ('embed', 'heads'), rngs=rngs, dual=dual('q'), norm=spec)
@@ -125,8 +127,8 @@ class Attention(nnx.Module):
       q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
     q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta)
     k_BxLxKxH = rope(k_BxLxKxH, positions_L, self.theta)
-    out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
-                                               implementation=self.impl)
+    out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, impl=self.impl,
+                                   block_q=self.blocks[0], block_kv=self.blocks[1])
     return self.o(out_BxLxNxH.reshape(b, l, self.n_heads * self.h))
 
 

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 from scalejax import data as data_lib
 from scalejax.train import optim
 from scalejax.core import sharding
+from scalejax.model import attention
 from scalejax.model.config import ModelConfig
 from scalejax.scales.weight_decay import undecayed_parts
 
@@ -90,7 +91,8 @@ NAN_POLICIES = {
 RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                      'train.sample_tokens', 'train.sample_prompt', 'train.nan_policy',
                      'train.max_bad_steps', 'train.allow_config_change', 'checkpoint.*',
-                     'mesh.*', 'init_from', 'data.tfds_data_dir')
+                     'mesh.*', 'init_from', 'data.tfds_data_dir', 'model.attention_impl',
+                     'model.attention_block_q', 'model.attention_block_kv')
 
 
 def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
@@ -123,6 +125,9 @@ def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
       (m.max_seq_len > 0, f'model.max_seq_len={m.max_seq_len} must be positive'),
       (m.norm_eps > 0, f'model.norm_eps={m.norm_eps} must be positive'),
       (m.scan_unroll >= 1, f'model.scan_unroll={m.scan_unroll} must be at least 1'),
+      (m.attention_impl != 'splash' or t.seq_len % attention.LANES == 0,
+       f'model.attention_impl=splash needs train.seq_len a multiple of {attention.LANES}, '
+       f'not {t.seq_len}; change one (auto falls back to xla)'),
       (o.lr > 0, f'optimizer.lr={o.lr} must be positive'),
       (o.warmup_steps >= 0, f'optimizer.warmup_steps={o.warmup_steps} must be >= 0'),
       (0 <= o.min_lr_ratio <= 1, f'optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]'),

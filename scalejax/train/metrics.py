@@ -102,7 +102,7 @@ class Writer:
   def write(self, record: dict, name: str = 'metrics') -> None:
     if not self.enabled:
       return
-    record = {k: _plain(v) for k, v in record.items()}
+    record = plain(record)
     with open(os.path.join(self.workdir, f'{name}.jsonl'), 'a') as f:
       f.write(json.dumps(record) + '\n')
     step = record.get('step', 0)
@@ -119,9 +119,15 @@ class Writer:
       self._tb.close()
 
 
-def _plain(v):
+def plain(v):
+  """JSON-safe copy: numpy scalars to Python, NaN/inf to null (JSON has no NaN; null
+  reads as "not measured")."""
+  if isinstance(v, dict):
+    return {str(k): plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [plain(x) for x in v]
   if isinstance(v, (np.generic, jax.Array)):
     v = v.item()
   if isinstance(v, float) and not np.isfinite(v):
-    return None  # JSON has no NaN; null reads as "not measured"
+    return None
   return v

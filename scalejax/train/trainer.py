@@ -22,7 +22,7 @@ from scalejax import data as data_lib
 from scalejax.train import nonfinite, preemption, records
 from scalejax.train import metrics as metrics_lib
 from scalejax.core import roles, sharding
-from scalejax.model import wiring
+from scalejax.model import attention, wiring
 from scalejax.model.counting import flops_per_token, param_counts
 from scalejax.model.decoder import build_model, cross_entropy
 from scalejax.train.optim import build_optimizer, make_schedule
@@ -248,6 +248,10 @@ def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> di
     log.info('optimizer %s, schedule %s, lr %g, scale-vector lr multiplier %g',
              cfg.optimizer.name, cfg.optimizer.schedule, cfg.optimizer.lr,
              cfg.optimizer.scale_lr_mult)
+    on = run.mesh.devices.flat[0].platform
+    log.info('attention: %s (model.attention_impl=%s on %s)',
+             attention.for_model(run.model_cfg, cfg.train.seq_len, on),
+             run.model_cfg.attention_impl, on)
 
   train_step, eval_step = make_train_step(run), make_eval_step(run)
   watch = nonfinite.NonFiniteWatch(cfg.train)

@@ -1,0 +1,302 @@
+"""Timing train steps side by side: variants (and calls) measured in interleaved rounds.
+
+The machinery of `scalejax.cli.bench` (and of the one-accelerator script,
+`scalejax.cli.gpu_bench`): every case is compiled in one process, then `rounds` rounds
+each run `steps` steps of every case in turn, so load from other processes falls on
+all of them alike and the ratios stay meaningful on a shared machine. What is
+reported, field by field: the bench command's docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+
+import jax
+
+from scalejax.core import sharding
+from scalejax.model import counting
+from scalejax.train import metrics, nonfinite, trainer, xla_flags
+
+CALLS = ('compiled', 'jit', 'loop')  # what a timed step calls (--call)
+
+FIELDS = ('variant', 'compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'page_faults',
+          'tokens_per_s', 'flops_per_step', 'mfu', 'peak_bytes', 'device_peak_bytes', 'step_ratio',
+          'memory_ratio', 'loss')
+
+
+@dataclasses.dataclass
+class Case:
+  """One variant, compiled and ready to step."""
+  name: str
+  step: object
+  state: dict
+  batches: list
+  tokens_per_step: int
+  flops_per_step: float
+  compile_s: float
+  peak_bytes: int
+  wall: list = dataclasses.field(default_factory=list)
+  cpu: list = dataclasses.field(default_factory=list)
+  faults: list = dataclasses.field(default_factory=list)  # minor page faults per step
+  loss: float = float('nan')
+  vocab: int = 0
+  mesh: object = None  # set: steps run inside jax.set_mesh, as the train loop runs them
+
+  def run(self, n: int) -> float:
+    m = None
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      for i in range(n):
+        self.state, m = self.step(self.state, self.batches[i % len(self.batches)])
+      jax.block_until_ready(m)
+    return float(m['loss'])
+
+
+def compiled_bytes(compiled) -> int:
+  """Bytes the compiled step holds at its peak, by XLA's buffer assignment."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return -1
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
+def build_case(cfg, variant: str, n_batches: int, call: str = 'compiled',
+               name: str | None = None) -> Case:
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.model.variant = variant
+  name = name or variant
+  run, state = trainer.build_run(cfg, workdir=None)
+  batches = [sharding.global_batch(next(run.data.train_iter), run.mesh)
+             for _ in range(n_batches)]
+  jitted = trainer.make_train_step(run)
+  with jax.set_mesh(run.mesh):
+    t = time.perf_counter()
+    compiled = jitted.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t
+    if call in ('jit', 'loop'):  # ahead-of-time compiling does not fill jit's cache: its first call
+      state, m = jitted(state, batches[0])  # compiles again, here and untimed
+      jax.block_until_ready(m)
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  flops = counting.flops_per_token(run.model_cfg, cfg.train.seq_len) * tokens
+  args = (state, batches, tokens, flops, compile_s, compiled_bytes(compiled))
+  if call == 'loop':
+    return LoopCase(name, jitted, *args, vocab=run.model_cfg.vocab_size, mesh=run.mesh,
+                    run_=run, watch=nonfinite.NonFiniteWatch(cfg.train))
+  return Case(name, jitted if call == 'jit' else compiled, *args,
+              vocab=run.model_cfg.vocab_size, mesh=run.mesh if call == 'jit' else None)
+
+
+@dataclasses.dataclass
+class LoopCase(Case):
+  """Steps as `train.py` takes them (`trainer.advance`): the next batch from the data
+  pipeline put on the mesh, the jitted step, the previous step's verdict read."""
+  run_: object = None
+  watch: object = None
+
+  def run(self, n: int) -> float:
+    m = None
+    with jax.set_mesh(self.mesh):
+      for i in range(n):
+        self.state, m, _ = trainer.advance(self.run_, self.step, self.state, self.watch,
+                                           i + 1, -1)
+      jax.block_until_ready(m)
+    return float(m['loss'])
+
+
+def measure(cases: list[Case], rounds: int, steps: int, warmup: int, probe=None) -> None:
+  """Times `rounds` rounds of `steps` steps of every case, calling `probe()` after each."""
+  for case in cases:
+    if warmup:  # run(0) has no step whose loss it could return
+      case.run(warmup)
+  for _ in range(rounds):
+    for case in cases:
+      t, c, f = time.perf_counter(), time.process_time(), _minor_faults()
+      case.loss = case.run(steps)
+      case.wall.append((time.perf_counter() - t) / steps)
+      case.cpu.append((time.process_time() - c) / steps)
+      case.faults.append((_minor_faults() - f) / steps)
+    if probe is not None:
+      probe()
+
+
+def _minor_faults() -> int:
+  """This process's minor page faults so far: a fresh page touched (allocator churn)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def nanogpt_torch_case(cfg, vocab: int) -> Case:
+  """nanoGPT's model and AdamW step in PyTorch (eager, CPU), timed like a variant.
+
+  GPT-2 style: learned positions, LayerNorm with bias, fused qkv with bias, causal
+  `scaled_dot_product_attention`, GELU MLP of width 4d, tied head, no dropout; the
+  shape (layers, heads, width, context, batch) and optimizer settings come from `cfg`.
+  Written here from the architecture's description, for timing only: it runs in the
+  same rounds as the JAX variants, so both see the same load on a shared machine.
+  """
+  # OpenMP workers that spin while idle steal the cores from XLA's threads in between.
+  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  d, h, n_layers = cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers
+  b, l = cfg.train.batch_size, cfg.train.seq_len
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+      self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+      self.fc, self.fc_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+      q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+      heads = lambda t: t.view(b, l, h, d // h).transpose(1, 2)
+      a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+      x = x + self.proj(a.transpose(1, 2).reshape(b, l, d))
+      return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+
+  class GPT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(l, d)
+      self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
+      self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, idx):
+      x = self.wte(idx) + self.wpe(torch.arange(l))
+      for block in self.blocks:
+        x = block(x)
+      return self.ln_f(x) @ self.wte.weight.T
+
+  torch.manual_seed(cfg.seed)
+  model = GPT()
+  decay = [p for p in model.parameters() if p.dim() >= 2]
+  no_decay = [p for p in model.parameters() if p.dim() < 2]
+  o = cfg.optimizer
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': o.weight_decay},
+                           {'params': no_decay, 'weight_decay': 0.0}],
+                          lr=o.lr, betas=(o.b1, o.b2))
+  gen = torch.Generator().manual_seed(cfg.seed)
+  batches = [torch.randint(0, vocab, (b, l + 1), generator=gen) for _ in range(8)]
+
+  def step(state, tokens):
+    loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or float('inf'))
+    opt.step()
+    return state, loss
+
+  class TorchCase(Case):
+    def run(self, n):
+      for i in range(n):
+        _, loss = step(None, batches[i % len(batches)])
+      return loss.item()
+
+  matmul = n_layers * 12 * d * d + vocab * d
+  flops = (6 * matmul + 12 * n_layers * d * l) * b * l
+  return TorchCase('nanogpt_torch', None, None, batches, b * l, flops, 0.0, -1)
+
+
+def device_peak_bytes() -> int:
+  stats = jax.devices()[0].memory_stats() or {}
+  return int(stats.get('peak_bytes_in_use', -1))
+
+
+def report(cases: list[Case], peak: float, peak_source: str) -> list[dict]:
+  rows = []
+  base = next((c for c in cases if c.name == 'baseline'), None)
+  base_ms = statistics.median(base.wall) if base else None
+  for c in cases:
+    step_s = statistics.median(c.wall)
+    row = dict(
+        variant=c.name, compile_s=c.compile_s, step_ms=1e3 * step_s,
+        step_ms_min=1e3 * min(c.wall), cpu_ms=1e3 * statistics.median(c.cpu),
+        page_faults=statistics.median(c.faults),
+        tokens_per_s=c.tokens_per_step / step_s, flops_per_step=c.flops_per_step,
+        mfu=c.flops_per_step / step_s / peak if peak > 0 else float('nan'),
+        peak_bytes=c.peak_bytes, device_peak_bytes=device_peak_bytes(),
+        step_ratio=step_s / base_ms if base else float('nan'),
+        memory_ratio=c.peak_bytes / base.peak_bytes if base and min(c.peak_bytes, base.peak_bytes) > 0
+        else float('nan'),
+        loss=c.loss,
+        # within-round ratios: each round's step time over baseline's in that round
+        step_ratio_rounds=[w / b for w, b in zip(c.wall, base.wall)] if base else [],
+        step_ms_rounds=[1e3 * w for w in c.wall],
+    )
+    rows.append(row)
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  head = (f'{"variant":<12} {"compile s":>9} {"step ms":>8} {"min ms":>7} {"cpu ms":>7} {"faults":>7} '
+          f'{"tok/s":>8} {"MFU":>6} {"peak MiB":>9} {"step x":>7} {"mem x":>6}')
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    lines.append(
+        f'{r["variant"]:<12} {r["compile_s"]:9.2f} {r["step_ms"]:8.2f} '
+        f'{r["step_ms_min"]:7.2f} {r["cpu_ms"]:7.2f} {r["page_faults"]:7.0f} '
+        f'{r["tokens_per_s"]:8.0f} '
+        f'{r["mfu"]:6.1%} {r["peak_bytes"] / 2**20:9.2f} {r["step_ratio"]:7.3f} '
+        f'{r["memory_ratio"]:6.3f}')
+  return '\n'.join(lines)
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  info = dict(platform=dev.platform, device_kind=dev.device_kind,
+              device_count=jax.device_count(), cpu_count=os.cpu_count(),
+              processor=platform.processor() or platform.machine(),
+              jax=jax.__version__, python=platform.python_version(),
+              xla_flags=os.environ.get('XLA_FLAGS', ''), tuning=xla_flags.apply())
+  try:
+    with open('/proc/cpuinfo') as f:
+      info['cpu_model'] = next(l.split(':', 1)[1].strip() for l in f if 'model name' in l)
+  except (OSError, StopIteration):
+    pass
+  return info
+
+
+def loadavg() -> float:
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return float('nan')
+
+
+def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int,
+                  reference: bool = False, call: str | list[str] = 'compiled') -> dict:
+  """`call`: one of CALLS, or several: every variant is then timed once per call, named
+  'VARIANT@CALL' after the first (`baseline@loop` against `baseline`: the loop's cost)."""
+  load_start = loadavg()
+  calls = [call] if isinstance(call, str) else list(call)
+  bad = [c for c in calls if c not in CALLS]
+  if bad or not calls:
+    raise ValueError(f'unknown --call {bad}; valid: {", ".join(CALLS)}')
+  cases = [build_case(cfg, v, n_batches=min(steps, 16), call=c,
+                      name=v if i == 0 else f'{v}@{c}')
+           for i, c in enumerate(calls) for v in variants]
+  if reference:
+    cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
+  # The trainer's measure of the peak: on CPU one probe per round, their median.
+  peak = metrics.Peak(first=0)
+  measure(cases, rounds, steps, warmup, peak.sample)
+  peak_source = peak.source + (', one per round' if peak.samples else '')
+  rows = report(cases, peak.total(jax.device_count()), peak_source)
+  return dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      machine=machine(), load_avg_start=load_start, load_avg_end=loadavg(),
+      peak_flops=peak.total(jax.device_count()), peak_source=peak_source,
+      probe_flops_rounds=peak.samples, rounds=rounds, steps_per_round=steps, warmup=warmup,
+      call=','.join(calls),
+      batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
+      model=cfg.model.to_dict(), results=rows)
