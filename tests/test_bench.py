@@ -135,7 +135,8 @@ def test_gpu_bench_smoke_mode_measures_both_parts(tmp_path):
   rows = {r['variant']: r for r in out['speed']['results']}
   assert list(rows) == ['baseline', 'unified']
   assert rows['unified']['step_ratio'] > 0 and rows['unified']['memory_ratio'] > 1.0
-  assert rows['baseline']['tokens_per_s'] == pytest.approx(8 * 128 / (rows['baseline']['step_ms'] / 1e3))
+  step_s = rows['baseline']['step_ms'] / 1e3
+  assert rows['baseline']['tokens_per_s'] == pytest.approx(8 * 128 / step_s)
   assert out['curves_skipped'] is None and set(out['curves']) == {'baseline', 'unified'}
   base, unified = out['curves']['baseline'], out['curves']['unified']
   assert [s for s, _ in base['eval']] == [s for s, _ in unified['eval']] == [1, 2]

@@ -251,7 +251,8 @@ def format_report(r: Report) -> str:
     f'  total       {g(r.total_bytes)}   args + outputs - aliased + temps + code{verdict}',
     'per device per step:',
     f'  compiler    {est(r.flops, "FLOP")}, {est(r.bytes_accessed, "bytes accessed")} '
-    '(cost_analysis, extrapolated over layers' + (', plus the kernel below)' if r.kernel_flops else ')'),
+    '(cost_analysis, extrapolated over layers'
+    + (', plus the kernel below)' if r.kernel_flops else ')'),
     *([f'  kernel      {r.kernel_flops:.4g} FLOP, {r.kernel_bytes:.4g} bytes   ({r.attention} '
        'attention, attention.splash_cost: invisible to cost_analysis)'] if r.kernel_flops else
       [f'  attention   {r.attention}']),

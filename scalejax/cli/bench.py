@@ -39,8 +39,6 @@ from scalejax.train import xla_flags
 
 xla_flags.apply()  # before JAX creates its CPU client
 
-import json  # noqa: E402
-import os  # noqa: E402
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -86,9 +84,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
         f'{out["call"]} steps')
   print(table(out['results']))
   if fv.json:
-    os.makedirs(os.path.dirname(os.path.abspath(fv.json)), exist_ok=True)
-    with open(fv.json, 'w') as fh:
-      json.dump(metrics.plain(out), fh, indent=2)
+    metrics.write_json(fv.json, out)
     print(f'wrote {fv.json}')
   return out
 

@@ -206,8 +206,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
     print(f'part 2 skipped: {out["curves_skipped"]}')
   out['wall_s'] = time.perf_counter() - start
   path = os.path.join(fv.out, 'gpu_bench.json')
-  with open(path, 'w') as f:
-    json.dump(metrics.plain(out), f, indent=2)
+  metrics.write_json(path, out)
   print(f'wrote {path} ({out["wall_s"]:.0f} s)')
   return out
 

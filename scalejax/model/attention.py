@@ -51,7 +51,8 @@ def unsupported(impl: str, seq_len: int, head_dim: int, dtype, on: str) -> str |
             f'seq_len {seq_len} is not one (use model.attention_impl=xla or a multiple of {LANES})')
   if impl == 'cudnn':
     if on != 'gpu':
-      return f'cudnn attention needs a GPU, this step compiles for {on} (use model.attention_impl=auto)'
+      return (f'cudnn attention needs a GPU, this step compiles for {on} '
+              '(use model.attention_impl=auto)')
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
       return (f'cudnn attention needs bfloat16 or float16 activations, not {jnp.dtype(dtype).name} '
               '(set model.dtype=bfloat16 or model.attention_impl=xla)')

@@ -1,19 +1,19 @@
 """Mixture-of-experts MLP: a router, top-k of N SwiGLU experts, an optional shared expert.
 
 Token dispatch drops by capacity (GShard / Switch style), it is not dropless. Why:
-every shape is static, so the layer is gathers into [N, G, C, d] expert buffers, the
-experts' batched matmuls and a gather back, which GSPMD shards over the `expert` mesh
-axis (an all-to-all appears where a buffer changes from batch- to expert-sharded)
-with no custom collectives; the same code compiles for CPU, GPU and TPU topologies
-ahead of time; and which tokens are dropped does not depend on how the batch is split
-over devices (routing groups are fixed runs of `moe_group_size` tokens, a sequence by
-default). The buffers are filled by index (which token sits in each slot), not by
-one-hot einsums: those multiply every token with every slot, O(N * C) times the
-data, and at the paper's MoE sizes cost about a quarter of the step's FLOPs (see
-docs/PERFORMANCE.md). Dropless routing with `jax.lax.ragged_dot` would need a sort
-over the whole batch, which GSPMD cannot keep local to a device, or a shard_map'd
-all-to-all per backend. Capacity per expert and routing group is
-ceil(capacity_factor * group * k / N), capped at the group size; with
+every shape is static, so the layer is a few einsums that GSPMD shards over the
+`expert` mesh axis (an all-to-all appears where the dispatch buffer changes from
+batch- to expert-sharded) with no custom collectives, the same code compiles for
+CPU, GPU and TPU topologies ahead of time, and which tokens are dropped does not
+depend on how the batch is split over devices (routing groups are fixed runs of
+`moe_group_size` tokens, a sequence by default). Dropless routing needs ragged matmuls
+plus a shard_map'd all-to-all, which is more code to get right on every backend
+(`jax.lax.ragged_dot` does not vmap over routing groups with shared expert weights).
+Filling the buffers by index (gathers, then a gather back) instead of the one-hot
+einsums was measured in the v5p AOT estimate of `paper_moe_500m`: 12 % fewer FLOPs but
+16 % more HBM bytes, on a step that is HBM-bound (docs/PERFORMANCE.md), so the einsums
+stay. Capacity per expert and routing
+group is ceil(capacity_factor * group * k / N), capped at the group size; with
 `moe_capacity_factor >= moe_experts / moe_top_k` nothing can be dropped (dropless at
 the cost of padded compute), and the dropped fraction is logged as `moe_drop_frac`.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,41 +69,32 @@ class MoE(nnx.Module):
     return min(group, math.ceil(self.capacity_factor * group * self.top_k / self.n_experts))
 
   def route(self, xr_GxSxD: jax.Array):
-    """Returns the routing (`Routing`, indices into [G, S] and the [N, G, C] buffers) and
-    the auxiliary statistics."""
+    """Returns (dispatch, combine) [G, S, N, C] and the auxiliary statistics."""
     g, s, _ = xr_GxSxD.shape
     n, k, c = self.n_experts, self.top_k, self.capacity(s)
     logits_GxSxN = self.router(xr_GxSxD.astype(jnp.float32))
     probs_GxSxN = jax.nn.softmax(logits_GxSxN, axis=-1)
-    w_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxN, k)
+    w_GxSxK, idx_GxSxK = jax.lax.top_k(probs_GxSxN, k)
     w_GxSxK = w_GxSxK / jnp.sum(w_GxSxK, axis=-1, keepdims=True)
-    choice_GxSxKxN = jax.nn.one_hot(expert_GxSxK, n, dtype=jnp.int32)
+    choice_GxSxKxN = jax.nn.one_hot(idx_GxSxK, n, dtype=jnp.int32)
     # Buffer position of each (token, choice) in its expert: choice-major, then token order.
     order_GxKSxN = choice_GxSxKxN.transpose(0, 2, 1, 3).reshape(g, k * s, n)
-    pos_GxKSxN = jnp.cumsum(order_GxKSxN, axis=1) - 1
-    pos_GxSxK = jnp.sum(pos_GxKSxN.reshape(g, k, s, n).transpose(0, 2, 1, 3) * choice_GxSxKxN,
-                        axis=-1)
-    kept_GxSxK = pos_GxSxK < c
-    # Which token fills each buffer slot (s itself, one past the last token, when empty):
-    # dispatch and combine are gathers, O(tokens * d) instead of one-hot einsums that
-    # multiply every token with every slot, O(tokens * N * C * d).
-    g_GxSxK = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
-    s_GxSxK = jnp.broadcast_to(jnp.arange(s)[None, :, None], (g, s, k))
-    slot_pos_GxSxK = jnp.where(kept_GxSxK, pos_GxSxK, c)  # dropped: written out of range
-    token_NxGxC = jnp.full((n, g, c), s, jnp.int32).at[
-        expert_GxSxK, g_GxSxK, slot_pos_GxSxK].set(s_GxSxK, mode='drop')
-    routing = Routing(token_NxGxC, expert_GxSxK, jnp.minimum(pos_GxSxK, c - 1),
-                      w_GxSxK * kept_GxSxK)
+    pos_GxSxKxN = (jnp.cumsum(order_GxKSxN, axis=1) - 1).reshape(g, k, s, n).transpose(0, 2, 1, 3)
+    chosen_GxSxN = jnp.sum(choice_GxSxKxN, axis=2)  # 0/1: a token picks an expert once
+    pos_GxSxN = jnp.sum(pos_GxSxKxN * choice_GxSxKxN, axis=2)
+    kept_GxSxN = chosen_GxSxN * (pos_GxSxN < c)
+    weight_GxSxN = jnp.sum(w_GxSxK[..., None] * choice_GxSxKxN, axis=2) * kept_GxSxN
+    slot_GxSxNxC = jax.nn.one_hot(pos_GxSxN, c, dtype=jnp.float32) * kept_GxSxN[..., None]
+    combine_GxSxNxC = slot_GxSxNxC * weight_GxSxN[..., None]
 
     # Switch load balance, generalised to top-k: N * sum_e (share of assignments to e)
     # * (mean router prob of e); 1 when both are uniform.
-    chosen_GxSxN = jnp.sum(choice_GxSxKxN, axis=2)  # 0/1: a token picks an expert once
     assigned_N = jnp.mean(chosen_GxSxN.astype(jnp.float32), axis=(0, 1)) / k
     lb = n * jnp.sum(assigned_N * jnp.mean(probs_GxSxN, axis=(0, 1)))
     z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_GxSxN, axis=-1)))
-    drop = (g * s * k - jnp.sum(kept_GxSxK)) / (g * s * k)  # integer count: exact 0 when none
+    drop = (g * s * k - jnp.sum(kept_GxSxN)) / (g * s * k)  # integer count: exact 0 when none
     aux = dict(zip(AUX_KEYS, (lb, z, drop)))
-    return routing, aux
+    return slot_GxSxNxC, combine_GxSxNxC, aux
 
   def __call__(self, xg_BxLxD, xu_BxLxD, xr_BxLxD):
     """Returns (y [B, L, D], aux statistics); x_g, x_u, x_r differ only under HG."""
@@ -113,37 +103,24 @@ class MoE(nnx.Module):
     if (b * l) % s:
       raise ValueError(f'model.moe_group_size={s} must divide the {b * l} tokens of a batch '
                        f'({b} x {l}); pick a divisor of the sequence length')
-    g = b * l // s
+    g, dtype = b * l // s, xg_BxLxD.dtype
     groups = lambda x: x.reshape(g, s, d)
-    routing, aux = self.route(groups(xr_BxLxD))
-    g_1xGx1 = jnp.arange(g)[None, :, None]
+    dispatch_GxSxNxC, combine_GxSxNxC, aux = self.route(groups(xr_BxLxD))
+    dispatch_GxSxNxC = dispatch_GxSxNxC.astype(dtype)
 
     def to_experts(x_BxLxD):
-      # An empty slot reads the zero row appended after the group's last token.
-      x_GxS1xD = jnp.pad(groups(x_BxLxD), ((0, 0), (0, 1), (0, 0)))
-      x_NxGxCxD = x_GxS1xD[g_1xGx1, routing.token_NxGxC]
+      x_NxGxCxD = jnp.einsum('gsnc,gsd->ngcd', dispatch_GxSxNxC, groups(x_BxLxD))
       return sharding.constrain(x_NxGxCxD, ('act_expert', 'act_batch', None, 'act_embed'))
 
     graphdef, state = nnx.split(self.experts)
     run = jax.vmap(lambda st, xg, xu: nnx.merge(graphdef, st)(xg, xu))
     out_NxGxCxD = run(state, to_experts(xg_BxLxD), to_experts(xu_BxLxD))
     out_NxGxCxD = sharding.constrain(out_NxGxCxD, ('act_expert', 'act_batch', None, 'act_embed'))
-    # Each token's k expert outputs, read back from their slots and mixed by its weights
-    # (a dropped choice has weight 0).
-    picked_GxSxKxD = out_NxGxCxD[routing.expert_GxSxK, jnp.arange(g)[:, None, None],
-                                 routing.pos_GxSxK]
-    w_GxSxK = routing.weight_GxSxK.astype(picked_GxSxKxD.dtype)
-    y_BxLxD = jnp.einsum('gsk,gskd->gsd', w_GxSxK, picked_GxSxKxD).reshape(b, l, d)
+    y_GxSxD = jnp.einsum('gsnc,ngcd->gsd', combine_GxSxNxC.astype(dtype), out_NxGxCxD)
+    y_BxLxD = y_GxSxD.reshape(b, l, d)
     if self.shared is not None:
       y_BxLxD = y_BxLxD + self.shared(xg_BxLxD, xu_BxLxD)
     return y_BxLxD, aux
-
-
-class Routing(NamedTuple):
-  token_NxGxC: jax.Array   # int: the group's token in each expert slot (S: empty)
-  expert_GxSxK: jax.Array  # int: each token's k experts
-  pos_GxSxK: jax.Array     # int: its slot in each of them (clipped; see weight)
-  weight_GxSxK: jax.Array  # float32: its mixing weights, 0 where the choice was dropped
 
 
 def aux_loss(config: ModelConfig, aux: dict) -> jax.Array | float:

@@ -119,6 +119,13 @@ class Writer:
       self._tb.close()
 
 
+def write_json(path: str, obj) -> None:
+  """`obj` as indented JSON at `path` (folders made), through `plain`."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(plain(obj), f, indent=2)
+
+
 def plain(v):
   """JSON-safe copy: numpy scalars to Python, NaN/inf to null (JSON has no NaN; null
   reads as "not measured")."""
