@@ -1,7 +1,7 @@
 r"""One accelerator, a few minutes: the paper's smallest model, baseline against unified.
 
     python -m scalejax.cli.gpu_bench --out runs/gpu_bench      # one H100/H200, < 8 min
-    python -m scalejax.cli.gpu_bench --smoke --out /tmp/gpu    # any machine: toy sizes
+    python -m scalejax.cli.gpu_bench --smoke --out runs/gpu_smoke  # any machine: toy sizes
 
 Part 1, speed: `configs/paper_dense_120m.py` (bfloat16, full remat, attention
 `auto`: cuDNN flash attention on a GPU) at the largest of `--batches` whose compiled

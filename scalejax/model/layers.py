@@ -107,7 +107,7 @@ class Attention(nnx.Module):
     d, n, k, h = config.d_model, config.n_heads, config.resolved_n_kv_heads, config.resolved_head_dim
     self.n_heads, self.n_kv, self.h, self.theta = n, k, h, config.rope_theta
     self.impl = config.attention_impl
-    self.blocks = (config.attention_block_q, config.attention_block_kv)  # splash tiles
+    self.tiles = (config.attention_block_q, config.attention_block_kv)  # splash's q, kv tiles
     dual = lambda name: dual_mode(config, name)
     spec = config.norm_spec
     self.q = Linear(d, n * h, ('embed', 'heads'), rngs=rngs, dual=dual('q'), norm=spec)
@@ -128,7 +128,7 @@ class Attention(nnx.Module):
     q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta)
     k_BxLxKxH = rope(k_BxLxKxH, positions_L, self.theta)
     out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, impl=self.impl,
-                                   block_q=self.blocks[0], block_kv=self.blocks[1])
+                                   block_q=self.tiles[0], block_kv=self.tiles[1])
     return self.o(out_BxLxNxH.reshape(b, l, self.n_heads * self.h))
 
 
