@@ -40,7 +40,8 @@ BAD_CONFIGS = [
     (_set(model=dict(placement='middle')), "model.placement must be one of ('pre', 'post'"),
     (_set(model=dict(attention_impl='flash')), "model.attention_impl must be one of ('auto', 'xla'"),
     (_set(model=dict(attention_impl='splash')),
-     'model.attention_impl=splash needs train.seq_len a multiple of 128, not 32'),
+     'model.attention_impl=splash: splash attention tiles the sequence in multiples of 128; '
+     'seq_len 32 is not one'),
     (_set(model=dict(vocab_size=10)), None),  # fine: the tokenizer's size is checked later
 ]
 

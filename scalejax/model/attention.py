@@ -44,11 +44,18 @@ def platform() -> str:
   return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
 
 
-def unsupported(impl: str, seq_len: int, head_dim: int, dtype, on: str) -> str | None:
-  """Why `impl` cannot run this shape on platform `on` (None: it can)."""
-  if impl == 'splash' and seq_len % LANES:
+def splash_unsupported(seq_len: int) -> str | None:
+  """Why the splash kernel cannot tile `seq_len` (None: it can)."""
+  if seq_len % LANES:
     return (f'splash attention tiles the sequence in multiples of {LANES}; '
             f'seq_len {seq_len} is not one (use model.attention_impl=xla or a multiple of {LANES})')
+  return None
+
+
+def unsupported(impl: str, seq_len: int, head_dim: int, dtype, on: str) -> str | None:
+  """Why `impl` cannot run this shape on platform `on` (None: it can)."""
+  if impl == 'splash':
+    return splash_unsupported(seq_len)
   if impl == 'cudnn':
     if on != 'gpu':
       return (f'cudnn attention needs a GPU, this step compiles for {on} '

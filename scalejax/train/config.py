@@ -125,9 +125,8 @@ def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
       (m.max_seq_len > 0, f'model.max_seq_len={m.max_seq_len} must be positive'),
       (m.norm_eps > 0, f'model.norm_eps={m.norm_eps} must be positive'),
       (m.scan_unroll >= 1, f'model.scan_unroll={m.scan_unroll} must be at least 1'),
-      (m.attention_impl != 'splash' or t.seq_len % attention.LANES == 0,
-       f'model.attention_impl=splash needs train.seq_len a multiple of {attention.LANES}, '
-       f'not {t.seq_len}; change one (auto falls back to xla)'),
+      (m.attention_impl != 'splash' or not attention.splash_unsupported(t.seq_len),
+       f'model.attention_impl=splash: {attention.splash_unsupported(t.seq_len)}'),
       (o.lr > 0, f'optimizer.lr={o.lr} must be positive'),
       (o.warmup_steps >= 0, f'optimizer.warmup_steps={o.warmup_steps} must be >= 0'),
       (0 <= o.min_lr_ratio <= 1, f'optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]'),
