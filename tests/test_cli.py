@@ -29,11 +29,16 @@ COMMANDS = {
                                'budget_s', 'curve_steps', 'curve_batch', 'corpus', 'corpus_mb'),
     'scalejax.cli.train_spm': ('input', 'vocab_size', 'model_prefix', 'model_type',
                                'byte_fallback', 'input_sentence_size'),
+    'scalejax.cli.eval': ('workdir', 'tasks', 'out', 'include_path', 'limit', 'step', 'batch_size'),
+    'scalejax.cli.lm_eval': (),  # lm-eval's own command line, passed through
+    'scalejax.cli.export': ('workdir', 'out', 'step', 'overwrite'),
     'scalejax.studies.ablation': ('config', 'out', 'suite', 'variants', 'seeds', 'optimizers',
                                   'schedules', 'lrs', 'parallel', 'set', 'aggregate_only'),
     'scalejax.studies.quant_study': ('runs', 'out', 'formats', 'modes', 'group_sizes', 'step',
                                      'eval_batches', 'replot'),
     'scalejax.studies.inspect_scales': ('runs', 'out', 'steps', 'print_report'),
+    'scalejax.studies.intervene': ('workdir', 'out', 'step', 'eval_batches', 'topk', 'fold',
+                                   'edit'),
 }
 
 # argv -> (the program named in the error, what the one line must say); train.py's own

@@ -8,7 +8,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / 'scalejax'
 # Lowest first: a module may import its own folder and the folders before it.
-LAYERS = ('core', 'scales', 'data', 'model', 'analysis', 'train', 'cli', 'studies')
+LAYERS = ('core', 'scales', 'data', 'model', 'analysis', 'export', 'eval', 'train', 'cli',
+          'studies')
 COMMAND_FOLDERS = ('cli', 'studies')
 HELPERS = ('common',)  # modules of the command folders that are not commands
 

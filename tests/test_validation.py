@@ -42,6 +42,12 @@ BAD_CONFIGS = [
     (_set(model=dict(attention_impl='splash')),
      'model.attention_impl=splash: splash attention tiles the sequence in multiples of 128; '
      'seq_len 32 is not one'),
+    (_set(lm_eval=dict(every=-1)), 'lm_eval.every=-1 must be >= 0 (0: only after the last'),
+    (_set(lm_eval=dict(batch_size=0)), 'lm_eval.batch_size=0 must be positive'),
+    (_set(lm_eval=dict(include_path='no/such/dir')),
+     'lm_eval.include_path=no/such/dir is not a directory'),
+    (_set(lm_eval=dict(tasks='piqa')),
+     'lm_eval.tasks needs a text tokenizer and data.source=synthetic has token ids only'),
     (_set(model=dict(vocab_size=10)), None),  # fine: the tokenizer's size is checked later
 ]
 

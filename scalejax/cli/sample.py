@@ -17,7 +17,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_string('prompt', '\n', 'text to continue', flag_values=fv)
   flags.DEFINE_integer('tokens', 200, 'tokens to generate', flag_values=fv)
-  flags.DEFINE_float('temperature', 0.8, 'sampling temperature', flag_values=fv)
+  flags.DEFINE_float('temperature', 0.8, 'sampling temperature (0: greedy)', flag_values=fv)
   flags.DEFINE_integer('top_k', 0, 'keep only the k most likely tokens (0: all)', flag_values=fv)
   flags.DEFINE_integer('seed', 0, 'sampling seed', flag_values=fv)
   flags.mark_flag_as_required('workdir', flag_values=fv)

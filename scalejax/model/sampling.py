@@ -10,7 +10,9 @@ from flax import nnx
 
 def generate(graphdef, params, tokenizer, prompt: str, n_tokens: int, context: int,
              temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
-  """Samples `n_tokens` after `prompt`, with a sliding window of `context` tokens."""
+  """Samples `n_tokens` after `prompt`, with a sliding window of `context` tokens.
+
+  `temperature=0` is greedy decoding: the most likely token every step (no key used)."""
   ids = list(tokenizer.encode(prompt)) or [getattr(tokenizer, 'eod_id', 0) or 0]
 
   @jax.jit
@@ -19,6 +21,8 @@ def generate(graphdef, params, tokenizer, prompt: str, n_tokens: int, context: i
     if top_k:
       kth = jnp.sort(logits)[-top_k]
       logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if temperature == 0:
+      return jnp.argmax(logits)
     return jax.random.categorical(key, logits / max(temperature, 1e-6))
 
   key = jax.random.key(seed)

@@ -107,6 +107,23 @@ class _Form(nnx.Module):
   def _read(self, p: Param, init: float) -> jax.Array:
     return p[...] + init if self.storage == 'delta' else p[...]
 
+  def _store(self, value: jax.Array, init: float) -> jax.Array:
+    """The stored value that `_read` turns into `value` (float32)."""
+    value = jnp.asarray(value, jnp.float32)
+    return value - init if self.storage == 'delta' else value
+
+  def params_for(self, gamma: jax.Array) -> dict[str, jax.Array]:
+    """Stored values {param name: array} with which this form's gamma is `gamma`.
+
+    `gamma` is [..., dim]: leading axes are copies of a stacked form (the layers and
+    experts of one slice), so one call sets a slice of a stacked form's params. The
+    interventions (analysis/interventions.py) edit the effective gamma through this,
+    the same way for every form and storage. Exact for `vector` and `magdir` (with
+    `delta` storage for gamma >= 0.5, where gamma - 1 is exact in float32), to float32
+    rounding for `magdir_unit` (its gamma is computed through a norm).
+    """
+    raise NotImplementedError(f'{type(self).__name__} cannot be set to a given gamma')
+
   @classmethod
   def param_count(cls, dim: int) -> int:
     """Params of one form of width `dim`. Counted from an abstract construction, so a
@@ -124,6 +141,9 @@ class NoScale(_Form):
   def __call__(self):
     return None
 
+  def params_for(self, gamma):
+    raise ValueError('the `none` scale form has no params: its gamma is not learnable')
+
 
 class VectorScale(_Form):
   """gamma stored as a vector (init 1)."""
@@ -134,6 +154,9 @@ class VectorScale(_Form):
 
   def __call__(self):
     return self._read(self.gamma, 1.0)
+
+  def params_for(self, gamma):
+    return {'gamma': self._store(gamma, 1.0)}
 
 
 class MagDirScale(_Form):
@@ -147,6 +170,12 @@ class MagDirScale(_Form):
   def __call__(self):
     return self._read(self.beta, 1.0) * self._read(self.alpha, 1.0)
 
+  def params_for(self, gamma):
+    # The direction carries gamma, the magnitude stays 1: 1 * gamma is exact.
+    gamma = jnp.asarray(gamma, jnp.float32)
+    return {'beta': self._store(jnp.ones(gamma.shape[:-1], jnp.float32), 1.0),
+            'alpha': self._store(gamma, 1.0)}
+
 
 class MagDirUnitScale(MagDirScale):
   """gamma = beta * sqrt(d) * alpha / ||alpha||: alpha only sets a direction."""
@@ -155,6 +184,13 @@ class MagDirUnitScale(MagDirScale):
     alpha = self._read(self.alpha, 1.0)
     unit = alpha * jax.lax.rsqrt(jnp.sum(jnp.square(alpha)) + 1e-12)
     return self._read(self.beta, 1.0) * math.sqrt(self.dim) * unit
+
+  def params_for(self, gamma):
+    # alpha = gamma gives the direction, beta = ||gamma|| / sqrt(d) the size. gamma = 1
+    # gives beta = sqrt(d) / sqrt(d) = 1 exactly (the init); gamma = 0 gives beta 0.
+    gamma = jnp.asarray(gamma, jnp.float32)
+    beta = jnp.sqrt(jnp.sum(jnp.square(gamma), axis=-1)) / jnp.float32(math.sqrt(self.dim))
+    return {'beta': self._store(beta, 1.0), 'alpha': self._store(gamma, 1.0)}
 
 
 SCALE_FORMS: dict[str, type[_Form]] = {

@@ -50,6 +50,13 @@ def base_config() -> ConfigDict:
       ),
       mesh=sharding.default_config(),
       init_from='',            # workdir of another run: initialise params from it
+      lm_eval=dict(            # lm-eval-harness tasks during training (docs/EVALUATION.md)
+          tasks='',            # comma-separated task names ('': none)
+          every=0,             # steps between runs (0: only after the last step)
+          include_path='',     # folder of task YAML files of your own
+          limit=0,             # examples per task (0: all)
+          batch_size=16,       # rows per model call
+      ),
   ))
   cfg.lock()  # unknown keys are errors, in config files and on the command line
   return cfg
@@ -92,7 +99,7 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every',
                      'train.sample_tokens', 'train.sample_prompt', 'train.nan_policy',
                      'train.max_bad_steps', 'train.allow_config_change', 'checkpoint.*',
                      'mesh.*', 'init_from', 'data.tfds_data_dir', 'model.attention_impl',
-                     'model.attention_block_q', 'model.attention_block_kv')
+                     'model.attention_block_q', 'model.attention_block_kv', 'lm_eval.*')
 
 
 def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
@@ -102,7 +109,7 @@ def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
   `n_devices` (default: this process's jax.device_count()). Unknown keys and wrong types never get
   here: the locked ConfigDict rejects them when the config is loaded or overridden.
   """
-  t, m, o = cfg.train, cfg.model, cfg.optimizer
+  t, m, o, e = cfg.train, cfg.model, cfg.optimizer, cfg.lm_eval
   checks = [
       (t.steps > 0, f'train.steps={t.steps} must be positive'),
       (t.batch_size > 0, f'train.batch_size={t.batch_size} must be positive'),
@@ -139,6 +146,15 @@ def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
       (0 <= o.momentum < 1, f'optimizer.momentum={o.momentum} must lie in [0, 1)'),
       (o.grad_clip >= 0, f'optimizer.grad_clip={o.grad_clip} must be >= 0 (0: no clipping)'),
       (o.scale_lr_mult >= 0, f'optimizer.scale_lr_mult={o.scale_lr_mult} must be >= 0'),
+      (e.every >= 0, f'lm_eval.every={e.every} must be >= 0 (0: only after the last step)'),
+      (e.limit >= 0, f'lm_eval.limit={e.limit} must be >= 0 (0: every example)'),
+      (e.batch_size > 0, f'lm_eval.batch_size={e.batch_size} must be positive'),
+      (not e.include_path or os.path.isdir(e.include_path),
+       f'lm_eval.include_path={e.include_path} is not a directory; name a folder of lm-eval '
+       "task YAML files (or '' for lm-eval's own tasks)"),
+      (not e.tasks.strip() or cfg.data.source != 'synthetic',
+       'lm_eval.tasks needs a text tokenizer and data.source=synthetic has token ids only; '
+       "train on text (data.source=text_files or tfds) or set lm_eval.tasks=''"),
   ]
   for ok, msg in checks:
     if not ok:

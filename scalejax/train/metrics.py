@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import statistics
 import time
 
@@ -83,6 +84,25 @@ def device_peak_flops(device=None) -> tuple[float, str]:
   return peak.flops, peak.source
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch whenever it is installed (the `[hf]` extra brings it), only
+  to accept torch tensors: about 5 s at every start of a run, for scalars that are
+  Python floats here. Marking torch absent for that one import skips it; a process that
+  has already imported torch keeps it.
+  """
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class Writer:
   """Appends JSON records to DIR/NAME.jsonl and scalars to TensorBoard.
 
@@ -96,8 +116,7 @@ class Writer:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(workdir, purge_step=purge_step)
+      self._tb = _summary_writer()(workdir, purge_step=purge_step)
 
   def write(self, record: dict, name: str = 'metrics') -> None:
     if not self.enabled:

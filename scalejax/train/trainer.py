@@ -28,6 +28,7 @@ from scalejax.model.decoder import build_model, cross_entropy
 from scalejax.train.optim import build_optimizer, make_schedule
 from scalejax.analysis.scale_stats import (precond_means, preconditioner_statistics, role_means,
                                            scale_statistics)
+from scalejax.eval import runner as lm_eval_runner
 from scalejax.scales.weight_decay import decay_table
 
 log = logging.getLogger('scalejax')
@@ -161,6 +162,7 @@ def train(cfg: ConfigDict, workdir: str, stop_at: int | None = None) -> dict:
   """
   distributed.maybe_initialize()  # before anything touches a JAX backend
   config_lib.validate(cfg)  # bad input fails here: nothing is written or compiled yet
+  tasks = lm_eval_tasks(cfg)  # and an unknown lm-eval task name here
   is_main = jax.process_index() == 0
   make_workdir(workdir)
   mngr = ckpt.manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
@@ -169,7 +171,7 @@ def train(cfg: ConfigDict, workdir: str, stop_at: int | None = None) -> dict:
     if is_main:
       records.atomic_write(os.path.join(workdir, 'config.json'), config_lib.to_json(cfg))
     with preemption.StopRequest() as stop_request:
-      final = _train(cfg, workdir, stop_at, mngr, stop_request, is_main)
+      final = _train(cfg, workdir, stop_at, mngr, stop_request, is_main, tasks)
   except KeyboardInterrupt:
     raise  # asked to stop at once: a save in flight is not waited for
   except BaseException:
@@ -205,7 +207,17 @@ def make_workdir(workdir: str) -> None:
                      'pick a writable location') from None
 
 
-def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> dict:
+def lm_eval_tasks(cfg: ConfigDict) -> lm_eval_runner.TaskRun | None:
+  """The run's lm-eval tasks (cfg.lm_eval), resolved once; None when it names none."""
+  e = cfg.lm_eval
+  names = lm_eval_runner.parse_tasks(e.tasks)
+  if not names:
+    return None
+  return lm_eval_runner.TaskRun(names, e.include_path, e.limit, e.batch_size,
+                                include_flag='lm_eval.include_path')
+
+
+def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main, tasks) -> dict:
   run, state = build_run(cfg, workdir)
   found = ckpt.restore_latest(mngr, _abstract(state, run.state_shardings), workdir,
                              cfg.optimizer.name,
@@ -312,6 +324,14 @@ def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main) -> di
         peak.sample()
         if step == steps and is_main and eval_loss is not None:
           log.info('step %d: eval_loss %.4f', steps, eval_loss)
+      if tasks is not None and not diverged and (
+          step == steps or (cfg.lm_eval.every and step % cfg.lm_eval.every == 0)):
+        # Every process runs the tasks (the params may be sharded over hosts).
+        scores = tasks(run.graphdef, state['params'], run.data.tokenizer, cfg.train.seq_len)
+        writer.write({'step': step, **scores})
+        final.update(scores)
+        if is_main:
+          log.info('step %d: %s', step, ', '.join(f'{k} {v:.4g}' for k, v in scores.items()))
       if stop_request.should_stop(step - start):  # every step: a sync point across hosts
         stopped = stop_request.signal_name
       done = (step == steps or stopped or diverged

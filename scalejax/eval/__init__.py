@@ -1,0 +1,1 @@
+"""Evaluation with lm-eval-harness: the `scalejax` model type, task runs from Python."""
