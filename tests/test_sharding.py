@@ -89,8 +89,9 @@ def _worker(out_dir: str) -> None:
     for key, path, v in flat(grads, f'{name}/grads'):
       arrays[key] = np.asarray(v)
 
-  for model in MODELS:  # single-device references
-    one_step(f'{model}/single', model, ONE, jax.devices()[:1], step=True, reference=True)
+  for model in MODELS:  # single-device references; the train step only where a case takes it
+    stepped = any(step for m, _, step in CASES.values() if m == model)
+    one_step(f'{model}/single', model, ONE, jax.devices()[:1], step=stepped, reference=True)
   for name, (model, mesh, step) in CASES.items():
     one_step(name, model, mesh, jax.devices(), step)
   np.savez(os.path.join(out_dir, 'results.npz'), **arrays)

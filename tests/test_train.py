@@ -55,11 +55,12 @@ def test_resume_is_bit_exact(tmp_path):
     assert a == b, key
 
 
-# What the trainer sees of a variant is the shape of its scale params: none, one vector,
-# an output-side scale (DP), HG branches with magdir parts and DNP norms (unified), a
-# frozen magnitude (unified_frozen). Every variant's forward and gradients:
-# test_model.py; its roles and decay: test_roles.py, test_weight_decay.py.
-TRAINER_VARIANTS = ('baseline', 'no_scale', 'dp', 'unified', 'unified_frozen')
+# What the trainer sees of a variant is the shape of its scale params: none, an
+# output-side scale (DP), HG branches with magdir parts and DNP norms (unified), a frozen
+# magnitude (unified_frozen); one vector (baseline) is the model of every other test. Every
+# variant's forward and gradients: test_model.py; its roles and decay: test_roles.py,
+# test_weight_decay.py.
+TRAINER_VARIANTS = ('no_scale', 'dp', 'unified', 'unified_frozen')
 
 
 @pytest.mark.parametrize('variant', TRAINER_VARIANTS)
