@@ -6,7 +6,8 @@ kernel's rows by gamma (spread over every query head of a kv group for v's outpu
 side, `Consumer.to_rows`) and resetting the scale to 1 leaves the function unchanged.
 A norm bias beside it is divided by gamma (gamma * n + b = gamma * (n + b / gamma)).
 The tests use this to check every role label; quantization's `fold` modes and export
-use it to leave scale vectors out of the quantized or exported weights.
+use it to leave scale vectors out of the quantized or exported weights. DP's output
+scale u folds the other way, into its own kernel's columns (`fold_output_scales`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 from scalejax.core import roles as R
 from scalejax.model import wiring
 from scalejax.model.decoder import build_model
+from scalejax.model.layers import Linear
 from scalejax.scales.norms import make_scale
 
 
@@ -78,6 +80,29 @@ def fold_scale(model, scale: wiring.Scale, *, force: bool = False) -> None:
     bias = wiring.module_at(model, scale.bias)
     bias.set_value(bias.get_value() / gamma)
   reset_to_identity(form, make_scale(model.config.norm_spec, scale.dim, scale.role))
+
+
+def fold_output_scales(model) -> None:
+  """In place: every DP output scale u moved into its own kernel's columns.
+
+  `y = u * (x @ W)` is `x @ (W diag(u))` whatever follows y, so folding u into the
+  columns of the map it scales is exact for every wrapped map. The wiring folds u only
+  where channelwise ops lead on to the *next* kernel (v's u into W_o's rows through the
+  attention sum, up's u into W_down's rows through the GLU product: role input_scale)
+  and calls the others output scales (q, k: RoPE and softmax follow; gate: SiLU); this
+  column fold needs no such path, so it takes all of them the same way.
+  """
+  config = model.config
+  for s in wiring.scales(config):
+    linear = wiring.module_at(model, s.path[:-1])  # DP's u is `<map>/post`
+    if not (s.path[-1] == 'post' and isinstance(linear, Linear) and linear.dual == 'dp'):
+      continue
+    form = wiring.module_at(model, s.path)
+    u = wiring.form_gamma(form)  # [*stack, d_out]
+    if u is None:
+      continue  # the `none` form: u = 1
+    linear.kernel.set_value(linear.kernel.get_value() * u[..., None, :])  # [*stack, d_in, d_out]
+    reset_to_identity(form, make_scale(config.norm_spec, s.dim, s.role))
 
 
 def reset_to_identity(form, fresh) -> None:

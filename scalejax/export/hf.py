@@ -17,7 +17,7 @@ rounding only):
 - The final norm of a tied-embedding model cannot fold: its table is also the input
   embedding. It stays where HF applies it too, in `model.norm.weight`.
 - DP's output scale u, `y = u * (x @ W)`: into its own kernel's columns, see
-  `fold_output_scales`.
+  `analysis/folding.py:fold_output_scales`.
 - QK-norm's scales (output role: RoPE and the softmax follow) stay in Qwen3's
   `self_attn.q_norm` / `k_norm`, which apply RMSNorm per head after the projection and
   before RoPE, as our attention does.
@@ -45,8 +45,6 @@ from scalejax.core import roles as R
 from scalejax.export import tokenizer as tokenizer_lib
 from scalejax.model import wiring
 from scalejax.model.config import ModelConfig
-from scalejax.model.layers import Linear
-from scalejax.scales.norms import make_scale
 from scalejax.scales.variants import VARIANTS
 
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
@@ -137,35 +135,12 @@ def _is_dp(config: ModelConfig, s: wiring.Scale) -> bool:
   return config.dual == 'dp' and s.path[-1] == 'post'
 
 
-def fold_output_scales(model) -> None:
-  """In place: every DP output scale u moved into its own kernel's columns.
-
-  `y = u * (x @ W)` is `x @ (W diag(u))` whatever follows y, so folding u into the
-  columns of the map it scales is exact for every wrapped map. The wiring folds u only
-  where channelwise ops lead on to the *next* kernel (v's u into W_o's rows through the
-  attention sum, up's u into W_down's rows through the GLU product: role input_scale)
-  and calls the others output scales (q, k: RoPE and softmax follow; gate: SiLU); this
-  column fold needs no such path, so it takes all of them the same way.
-  """
-  config = model.config
-  for s in wiring.scales(config):
-    linear = wiring.module_at(model, s.path[:-1])  # DP's u is `<map>/post`
-    if not (s.path[-1] == 'post' and isinstance(linear, Linear) and linear.dual == 'dp'):
-      continue
-    form = wiring.module_at(model, s.path)
-    u = wiring.form_gamma(form)  # [*stack, d_out]
-    if u is None:
-      continue  # the `none` form: u = 1
-    linear.kernel.set_value(linear.kernel.get_value() * u[..., None, :])  # [*stack, d_in, d_out]
-    folding.reset_to_identity(form, make_scale(config.norm_spec, s.dim, s.role))
-
-
 def folded(model):
   """A copy of `model` with every scale that folds moved into its kernels: DP's output
   scales into their own kernels' columns, then every input scale that folds into the
   rows of what it feeds (folding.fold_input_scales). The function is unchanged."""
   model = folding.copy_model(model)
-  fold_output_scales(model)
+  folding.fold_output_scales(model)
   return folding.fold_input_scales(model)[0]
 
 
