@@ -3,6 +3,7 @@ the process tuning it applies (scalejax/train/xla_flags.py)."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,24 @@ def test_loop_call_times_the_train_loops_own_step_next_to_the_compiled_one():
   assert loop['step_ratio'] > 0 and math.isfinite(loop['loss']) and math.isfinite(compiled['loss'])
   with pytest.raises(ValueError, match='unknown --call'):
     benchmark.run_benchmark(cfg, ['baseline'], rounds=1, steps=1, warmup=0, call=['eager'])
+
+
+def test_the_pytorch_reference_steps_in_its_own_process_and_counts_its_own_cpu():
+  pytest.importorskip('torch')
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  case = benchmark.nanogpt_torch_case(cfg, vocab=32)
+  try:
+    assert case.proc.pid != os.getpid() and case.proc.poll() is None
+    cpu0, _ = case.clocks()
+    first = case.run(1)
+    for _ in range(5):  # the same 8 random batches over and over: it must learn them
+      last = case.run(8)
+    cpu1, _ = case.clocks()
+    assert math.isfinite(first) and last < first - 0.05, (first, last)
+    assert cpu1 > cpu0  # the reference process's own CPU time, not this process's
+  finally:
+    case.close()
+  assert case.proc.returncode == 0
 
 
 def test_gpu_bench_smoke_mode_measures_the_batch_and_the_speed(tmp_path):

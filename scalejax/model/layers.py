@@ -62,7 +62,11 @@ class Linear(nnx.Module):
     if isinstance(x, Scaled):
       x, v = x.n, x.gamma
       w = w if v is None else v[:, None] * w
-    return jnp.dot(x, w.astype(x.dtype))
+    # Tokens on one axis: the weight gradient is then a dot over a single contracting
+    # axis, which XLA:CPU hands to its GEMM as is; over [B, L] it first writes the
+    # output gradient transposed, a copy per map (PERFORMANCE.md).
+    x_TxD = x.reshape(-1, x.shape[-1])
+    return jnp.dot(x_TxD, w.astype(x.dtype)).reshape(*x.shape[:-1], w.shape[-1])
 
   def finish(self, y: jax.Array) -> jax.Array:
     """The output side: DP's scale or DNP's norm (identity without one)."""
@@ -84,7 +88,9 @@ class Embed(nnx.Module):
 
   def attend(self, x_BxLxD: jax.Array) -> jax.Array:
     """Tied LM head: logits against the embedding table."""
-    return jnp.dot(x_BxLxD, self.table[...].astype(x_BxLxD.dtype).T)
+    x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])  # one contracting axis, as in Linear
+    logits_TxV = jnp.dot(x_TxD, self.table[...].astype(x_BxLxD.dtype).T)
+    return logits_TxV.reshape(*x_BxLxD.shape[:-1], -1)
 
 
 def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float) -> jax.Array:

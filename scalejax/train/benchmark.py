@@ -12,17 +12,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 
 from scalejax.core import sharding
 from scalejax.model import counting
-from scalejax.train import metrics, nonfinite, trainer, xla_flags
+from scalejax.train import metrics, nonfinite, torch_reference, trainer, xla_flags
 
 CALLS = ('compiled', 'jit', 'loop')  # what a timed step calls (--call)
 
@@ -48,6 +51,14 @@ class Case:
   loss: float = float('nan')
   vocab: int = 0
   mesh: object = None  # set: steps run inside jax.set_mesh, as the train loop runs them
+
+  def clocks(self) -> tuple[float, int]:
+    """(CPU seconds, minor page faults) of the process that steps, so far; a minor
+    fault is a fresh page touched (allocator churn)."""
+    return time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+  def close(self) -> None:
+    pass
 
   def run(self, n: int) -> float:
     m = None
@@ -118,93 +129,67 @@ def measure(cases: list[Case], rounds: int, steps: int, warmup: int, probe=None)
       case.run(warmup)
   for _ in range(rounds):
     for case in cases:
-      t, c, f = time.perf_counter(), time.process_time(), _minor_faults()
+      c, f = case.clocks()
+      t = time.perf_counter()
       case.loss = case.run(steps)
       case.wall.append((time.perf_counter() - t) / steps)
-      case.cpu.append((time.process_time() - c) / steps)
-      case.faults.append((_minor_faults() - f) / steps)
+      c2, f2 = case.clocks()
+      case.cpu.append((c2 - c) / steps)
+      case.faults.append((f2 - f) / steps)
     if probe is not None:
       probe()
 
 
-def _minor_faults() -> int:
-  """This process's minor page faults so far: a fresh page touched (allocator churn)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def nanogpt_torch_case(cfg, vocab: int) -> Case:
-  """nanoGPT's model and AdamW step in PyTorch (eager, CPU), timed like a variant.
+@dataclasses.dataclass
+class TorchReference(Case):
+  """nanoGPT's model and step in PyTorch (`torch_reference.py`), in its own process,
+  timed like a variant: `run(n)` asks it for n steps; its CPU time and page faults are
+  its process's own."""
+  proc: subprocess.Popen = None
+  answer: dict = dataclasses.field(default_factory=dict)
 
-  GPT-2 style: learned positions, LayerNorm with bias, fused qkv with bias, causal
-  `scaled_dot_product_attention`, GELU MLP of width 4d, tied head, no dropout; the
-  shape (layers, heads, width, context, batch) and optimizer settings come from `cfg`.
-  Written here from the architecture's description, for timing only: it runs in the
-  same rounds as the JAX variants, so both see the same load on a shared machine.
-  """
-  # OpenMP workers that spin while idle steal the cores from XLA's threads in between.
-  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-  import torch
-  import torch.nn.functional as F
-  from torch import nn
+  def _ask(self, message: dict) -> dict:
+    self.proc.stdin.write(json.dumps(message) + '\n')
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'the PyTorch reference process exited with code {self.proc.wait()} '
+                         '(its error is printed above)')
+    return json.loads(line)
 
-  d, h, n_layers = cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers
-  b, l = cfg.train.batch_size, cfg.train.seq_len
+  def run(self, n: int) -> float:
+    self.answer = self._ask({'steps': n})
+    return self.answer['loss']
 
-  class Block(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-      self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-      self.fc, self.fc_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+  def clocks(self) -> tuple[float, int]:
+    return self.answer.get('cpu_s', 0.0), self.answer.get('minor_faults', 0)
 
-    def forward(self, x):
-      q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-      heads = lambda t: t.view(b, l, h, d // h).transpose(1, 2)
-      a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
-      x = x + self.proj(a.transpose(1, 2).reshape(b, l, d))
-      return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+  def close(self) -> None:
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=30)
 
-  class GPT(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(l, d)
-      self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
-      self.ln_f = nn.LayerNorm(d)
 
-    def forward(self, idx):
-      x = self.wte(idx) + self.wpe(torch.arange(l))
-      for block in self.blocks:
-        x = block(x)
-      return self.ln_f(x) @ self.wte.weight.T
-
-  torch.manual_seed(cfg.seed)
-  model = GPT()
-  decay = [p for p in model.parameters() if p.dim() >= 2]
-  no_decay = [p for p in model.parameters() if p.dim() < 2]
+def nanogpt_torch_case(cfg, vocab: int) -> TorchReference:
+  """nanoGPT's CPU run at this config's shape and optimizer settings, in PyTorch."""
+  try:
+    import torch  # noqa: F401  (only to fail here, with the fix, when it is missing)
+  except ImportError as e:
+    raise SystemExit('--nanogpt_torch needs PyTorch: pip install -e ".[hf]" '
+                     '(or pip install torch)') from e
   o = cfg.optimizer
-  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': o.weight_decay},
-                           {'params': no_decay, 'weight_decay': 0.0}],
-                          lr=o.lr, betas=(o.b1, o.b2))
-  gen = torch.Generator().manual_seed(cfg.seed)
-  batches = [torch.randint(0, vocab, (b, l + 1), generator=gen) for _ in range(8)]
-
-  def step(state, tokens):
-    loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, vocab), tokens[:, 1:].reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or float('inf'))
-    opt.step()
-    return state, loss
-
-  class TorchCase(Case):
-    def run(self, n):
-      for i in range(n):
-        _, loss = step(None, batches[i % len(batches)])
-      return loss.item()
-
-  matmul = n_layers * 12 * d * d + vocab * d
-  flops = (6 * matmul + 12 * n_layers * d * l) * b * l
-  return TorchCase('nanogpt_torch', None, None, batches, b * l, flops, 0.0, -1)
+  shape = dict(d_model=cfg.model.d_model, n_heads=cfg.model.n_heads,
+               n_layers=cfg.model.n_layers, batch=cfg.train.batch_size,
+               seq_len=cfg.train.seq_len, vocab=vocab, lr=o.lr, b1=o.b1, b2=o.b2,
+               weight_decay=o.weight_decay, grad_clip=o.grad_clip, seed=cfg.seed)
+  proc = subprocess.Popen([sys.executable, '-m', 'scalejax.train.torch_reference'],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  case = TorchReference('nanogpt_torch', None, None, [], shape['batch'] * shape['seq_len'],
+                        torch_reference.flops_per_step(shape), 0.0, -1, proc=proc)
+  case._ask(shape)  # built and ready
+  return case
 
 
 def device_peak_bytes() -> int:
@@ -289,7 +274,11 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
     cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
   # The trainer's measure of the peak: on CPU one probe per round, their median.
   peak = metrics.Peak(first=0)
-  measure(cases, rounds, steps, warmup, peak.sample)
+  try:
+    measure(cases, rounds, steps, warmup, peak.sample)
+  finally:
+    for case in cases:
+      case.close()
   peak_source = peak.source + (', one per round' if peak.samples else '')
   rows = report(cases, peak.total(jax.device_count()), peak_source)
   return dict(
