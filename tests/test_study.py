@@ -69,6 +69,29 @@ def test_aggregate_on_known_numbers():
   assert '| no_scale | 2 | 2.1000 ± 0.1414 | +0.1500 |' in table
 
 
+def test_the_full_suite_holds_every_cell_of_the_full_budget_study():
+  full = study.SUITES['full']
+  cfg = study.load_config(TINY)
+  trials = study.make_trials(full, list(full), [0], ['adamw'], ['cosine'], [None], {})
+  key = {t.variant: study.resolved_key(cfg, t) for t in trials}
+  # Sandwich placement has Output-Norms after each sub-layer: iwd and all differ there,
+  # and none is the baseline's own default.
+  assert key['decay_iwd@sandwich'] != key['decay_all@sandwich']
+  assert key['decay_none@sandwich'] == key['baseline@sandwich'] != key['baseline']
+  by_name = {t.variant: t for t in trials}
+  assert by_name['decay_iwd@sandwich'].baseline_variant == 'baseline@sandwich'
+  assert dict(by_name['decay_iwd@sandwich'].overrides)['model.qk_norm'] is True
+  # DNP without q/k: the normalizations that QK-norm does not also do
+  assert dict(by_name['dnp_no_qk'].overrides)['model.dual_targets'] == ('v', 'gate', 'up')
+  assert key['dnp_no_qk'] != key['dnp'] and key['dnp@qk'] != key['dnp']
+  assert by_name['unified_nohg@post'].baseline_variant == 'baseline@post'
+  # Shared runs: `none` is the baseline's default decay, and Post-Norm's norms are all
+  # input scales under the default post_norm_role, so there iwd is all.
+  assert key['decay_none@post'] == key['baseline@post']
+  assert key['decay_iwd@post'] == key['decay_all@post']
+  assert len(set(key.values())) == len(key) - 3
+
+
 def test_suites_and_dedup():
   assert set(study.PAPER) == {'baseline', 'no_scale', 'decay_all', 'decay_none', 'decay_iwd',
                               'hg', 'dp', 'dnp', 'magdir', 'magdir_unit', 'unified',

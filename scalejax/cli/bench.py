@@ -20,7 +20,9 @@ the ratios stay meaningful on a shared machine. Reported per variant:
 
 Data come from the config's pipeline, fetched before timing. `--nanogpt_torch` adds
 nanoGPT's model and optimizer step in PyTorch (if installed) to the same rounds: an
-external reference measured under the same load.
+external reference measured under the same load, stepped in a process of its own so
+that PyTorch runs with its defaults, as nanoGPT's `train.py` does
+(`scalejax/train/torch_reference.py`).
 
 `--call=jit` times each step as a call of the jitted function inside the mesh context
 (its cache lookup and dispatch included) instead of a call of the compiled executable;

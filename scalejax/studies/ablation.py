@@ -87,8 +87,25 @@ def _with_post(suite: dict) -> dict:
 DECAY_QK = {f'{name}@qk': {**PAPER[name], 'model.qk_norm': True}
             for name in ('baseline', 'decay_all', 'decay_none', 'decay_iwd')}
 
+# The full-budget study (docs/RESULTS.md): every cell it names, in one suite.
+_PRE = ('baseline', 'no_scale', 'hg', 'dp', 'dnp', 'magdir', 'magdir_unit', 'unified',
+        'unified_nohg', 'unified_frozen')
+_SANDWICH_QK = {'model.placement': 'sandwich', 'model.qk_norm': True}
+FULL = {
+    **{k: PAPER[k] for k in _PRE},
+    # DNP against QK-norm: what DNP adds beyond normalizing q and k
+    **{f'{k}@qk': {**PAPER[k], 'model.qk_norm': True} for k in ('baseline', 'dnp', 'unified')},
+    'dnp_no_qk': {**PAPER['dnp'], 'model.dual_targets': ('v', 'gate', 'up')},
+    # IWD where the paper tested it: Output-Norms after every sub-layer, and QK-norm
+    **{f'{k}@sandwich': {**PAPER[k], **_SANDWICH_QK}
+       for k in ('baseline', 'decay_none', 'decay_all', 'decay_iwd')},
+    **{f'{k}@post': {**PAPER[k], 'model.placement': 'post'}
+       for k in ('baseline', 'no_scale', 'decay_none', 'decay_all', 'decay_iwd', 'unified_nohg')},
+}
+
 SUITES: dict[str, dict] = {
     'paper': PAPER,
+    'full': FULL,
     'paper_post': {**_with_post(PAPER), **DECAY_QK},  # + Post-Norm and QK-norm counterparts
     'core': {k: PAPER[k] for k in ('baseline', 'no_scale', 'decay_iwd', 'unified')},
     'tiny': {k: PAPER[k] for k in ('baseline', 'no_scale')},

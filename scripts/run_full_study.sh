@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The full-budget reproduction: 2000 steps, 5 seeds, LR-tuned baselines. Resumable: the
+# harness skips finished trials, so rerun the same command to continue after a stop.
+#
+#   bash scripts/run_full_study.sh runs/full [STAGE ...]
+#
+# Stages, in the order that puts what matters most first (default: all of them):
+#   sweep     LR sweep (seed 0) of baseline, no_scale and unified on both corpora
+#   pre       Pre-Norm suite on tinyshakespeare at the baseline's best LR; no_scale and
+#             unified also at their own best LR (removal "after retuning")
+#   sandwich  IWD where Output-Norms exist: sandwich placement + QK-norm, decay policies
+#             none/all/iwd at optimizer.scale_decay in $SCALE_DECAYS
+#   qk        DNP against QK-norm: baseline@qk, dnp@qk, unified@qk, DNP on v/gate/up only
+#   stdlib    the Pre-Norm suite on the Python-stdlib corpus
+#   post      Post-Norm on tinyshakespeare: baseline, no_scale, decay policies, unified_nohg
+#   batch     global batch 12/48/192 at a fixed token budget (3 seeds): baseline,
+#             no_scale, unified; LR scaled by the square root of the batch ratio (Adam),
+#             warmup kept at the same number of tokens
+# Every stage needs the sweep's winners: it reads them from OUT/sweep_<corpus>/summary.json
+# and refuses to go on if a winner sits at the edge of the grid (widen $LRS and rerun).
+# Env: PARALLEL (1: on 2 cores two trials at once gave about half the throughput of one
+# at a time), SEEDS (0,1,2,3,4), LRS (5e-4,1e-3,2e-3,4e-3,8e-3), SCALE_DECAYS (0.1 0.3 1.0),
+# BATCH_SEEDS (0,1,2).
+set -euo pipefail
+OUT=${1:-runs/full}
+shift || true
+STAGES=${*:-sweep pre sandwich qk stdlib post batch}
+PARALLEL=${PARALLEL:-1}
+SEEDS=${SEEDS:-0,1,2,3,4}
+LRS=${LRS:-5e-4,1e-3,2e-3,4e-3,8e-3}
+SCALE_DECAYS=${SCALE_DECAYS:-0.1 0.3 1.0}
+BATCH_SEEDS=${BATCH_SEEDS:-0,1,2}
+SHAKESPEARE=configs/shakespeare_char.py
+STDLIB=configs/study_stdlib.py
+COMMON=(--suite full --set train.sample_tokens=0 --set checkpoint.every=500 --parallel "$PARALLEL")
+PRE=baseline,no_scale,hg,dp,dnp,magdir,magdir_unit,unified,unified_nohg,unified_frozen
+
+study() { python -m scalejax.studies.ablation "${COMMON[@]}" "$@"; }
+
+# best VARIANT CORPUS: the LR with the lowest final eval loss in that corpus's sweep
+best() {
+  python - "$OUT/sweep_$2/summary.json" "$1" "$LRS" <<'PY'
+import json, sys
+path, variant, grid = sys.argv[1], sys.argv[2], [float(x) for x in sys.argv[3].split(',')]
+summary = json.load(open(path))['summary']
+losses = {float(g.split('-lr')[1].split('@')[0]): r[variant]['mean']
+          for g, r in summary.items() if variant in r}
+missing = [lr for lr in grid if lr not in losses]
+if missing:
+  sys.exit(f'{path}: {variant} has no result at lr {missing}: run the sweep stage first')
+lr = min(losses, key=losses.get)
+if lr in (min(grid), max(grid)):
+  sys.exit(f'{path}: the best lr of {variant} is {lr:g}, at the edge of the grid {grid}: '
+           'widen LRS and rerun the sweep stage')
+print(f'{lr:g}')
+PY
+}
+
+for stage in $STAGES; do
+  echo "== $stage $(date -u +%T)"
+  case $stage in
+    sweep)
+      for c in shakespeare_char study_stdlib; do
+        study --config configs/$c.py --out "$OUT/sweep_$c" --variants baseline,no_scale,unified \
+          --seeds 0 --lrs "$LRS"
+      done ;;
+    pre)
+      lr=$(best baseline shakespeare_char)
+      study --config $SHAKESPEARE --out "$OUT/pre_shakespeare_char" --variants $PRE --seeds "$SEEDS" --lrs "$lr"
+      for v in no_scale unified; do
+        own=$(best $v shakespeare_char)
+        study --config $SHAKESPEARE --out "$OUT/retuned_shakespeare_char" --variants baseline,$v \
+          --seeds "$SEEDS" --lrs "$own"
+      done ;;
+    sandwich)
+      lr=$(best baseline shakespeare_char)
+      for wd in $SCALE_DECAYS; do
+        study --config $SHAKESPEARE --out "$OUT/sandwich_wd$wd" --set optimizer.scale_decay=$wd \
+          --variants baseline@sandwich,decay_all@sandwich,decay_iwd@sandwich --seeds "$SEEDS" --lrs "$lr"
+      done ;;
+    qk)
+      lr=$(best baseline shakespeare_char)
+      study --config $SHAKESPEARE --out "$OUT/qk_shakespeare_char" \
+        --variants baseline@qk,dnp@qk,unified@qk,dnp,dnp_no_qk --seeds "$SEEDS" --lrs "$lr" ;;
+    stdlib)
+      lr=$(best baseline study_stdlib)
+      study --config $STDLIB --out "$OUT/pre_study_stdlib" --variants $PRE --seeds "$SEEDS" --lrs "$lr"
+      for v in no_scale unified; do
+        own=$(best $v study_stdlib)
+        study --config $STDLIB --out "$OUT/retuned_study_stdlib" --variants baseline,$v \
+          --seeds "$SEEDS" --lrs "$own"
+      done ;;
+    post)
+      lr=$(best baseline shakespeare_char)
+      study --config $SHAKESPEARE --out "$OUT/post_shakespeare_char" --seeds "$SEEDS" --lrs "$lr" \
+        --variants baseline@post,no_scale@post,decay_all@post,decay_iwd@post,unified_nohg@post ;;
+    batch)
+      lr=$(best baseline shakespeare_char)
+      for b in 12 48 192; do
+        steps=$((2000 * 12 / b)); warm=$((100 * 12 / b))
+        blr=$(python -c "print(f'{$lr * ($b / 12) ** 0.5:g}')")
+        study --config $SHAKESPEARE --out "$OUT/batch$b" --variants baseline,no_scale,unified \
+          --seeds "$BATCH_SEEDS" --lrs "$blr" --set train.batch_size=$b --set train.steps=$steps \
+          --set optimizer.warmup_steps=$warm --set train.eval_every=$((steps / 8))
+      done ;;
+    *) echo "unknown stage $stage; valid: sweep pre sandwich qk stdlib post batch" >&2; exit 2 ;;
+  esac
+done
+echo "== done $(date -u +%T)"
