@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,26 @@ def test_tiny_suite_writes_table_and_plots_and_resumes(tmp_path, capsys):
   assert '4 trials, 4 distinct runs, 0 to run' in capsys.readouterr().out
   assert os.path.getmtime(out / 'trials' / 'baseline-adamw-cosine-s0' / 'result.json') == stamp
   assert again['table'] == rep['table']
+
+
+def _sweep_summary(out, losses):
+  """A sweep's summary.json as the harness writes it: {group: {variant: {mean}}}."""
+  path = out / 'sweep_shakespeare_char'
+  path.mkdir(parents=True)
+  summary = {f'adamw-cosine-lr{lr:g}': {'baseline': {'n': 1, 'mean': loss}}
+             for lr, loss in losses.items()}
+  (path / 'summary.json').write_text(json.dumps({'summary': summary}))
+
+
+@pytest.mark.parametrize('losses, message', [
+    ({5e-4: 1.9, 1e-3: 1.8, 2e-3: 1.7, 4e-3: 1.75}, 'has no result at lr [0.008]'),
+    ({5e-4: 1.9, 1e-3: 1.8, 2e-3: 1.7, 4e-3: 1.65, 8e-3: 1.6}, 'at the edge of the grid'),
+])
+def test_the_full_study_refuses_a_best_lr_it_cannot_trust(tmp_path, losses, message):
+  """Every stage after the sweep reads the winners; a missing cell or a winner at the
+  grid's edge stops the script before any trial runs."""
+  _sweep_summary(tmp_path, losses)
+  proc = subprocess.run(['bash', 'scripts/run_full_study.sh', str(tmp_path), 'pre'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+  assert not (tmp_path / 'pre_shakespeare_char').exists()
