@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -174,11 +175,9 @@ class TorchReference(Case):
 
 def nanogpt_torch_case(cfg, vocab: int) -> TorchReference:
   """nanoGPT's CPU run at this config's shape and optimizer settings, in PyTorch."""
-  try:
-    import torch  # noqa: F401  (only to fail here, with the fix, when it is missing)
-  except ImportError as e:
+  if importlib.util.find_spec('torch') is None:  # found, not imported: that is the child's
     raise SystemExit('--nanogpt_torch needs PyTorch: pip install -e ".[hf]" '
-                     '(or pip install torch)') from e
+                     '(or pip install torch)')
   o = cfg.optimizer
   shape = dict(d_model=cfg.model.d_model, n_heads=cfg.model.n_heads,
                n_layers=cfg.model.n_layers, batch=cfg.train.batch_size,
