@@ -31,7 +31,6 @@ LRS=${LRS:-5e-4,1e-3,2e-3,4e-3,8e-3}
 SCALE_DECAYS=${SCALE_DECAYS:-0.1 0.3 1.0}
 BATCH_SEEDS=${BATCH_SEEDS:-0,1,2}
 SHAKESPEARE=configs/shakespeare_char.py
-STDLIB=configs/study_stdlib.py
 COMMON=(--suite full --set train.sample_tokens=0 --set checkpoint.every=500 --parallel "$PARALLEL")
 PRE=baseline,no_scale,hg,dp,dnp,magdir,magdir_unit,unified,unified_nohg,unified_frozen
 
@@ -56,6 +55,19 @@ print(f'{lr:g}')
 PY
 }
 
+# pre_norm_suite CORPUS: the Pre-Norm suite at the baseline's best LR, then no_scale and
+# unified (each with the baseline) at their own best LR
+pre_norm_suite() {
+  local lr own v
+  lr=$(best baseline "$1")
+  study --config "configs/$1.py" --out "$OUT/pre_$1" --variants $PRE --seeds "$SEEDS" --lrs "$lr"
+  for v in no_scale unified; do
+    own=$(best $v "$1")
+    study --config "configs/$1.py" --out "$OUT/retuned_$1" --variants baseline,$v \
+      --seeds "$SEEDS" --lrs "$own"
+  done
+}
+
 for stage in $STAGES; do
   echo "== $stage $(date -u +%T)"
   case $stage in
@@ -64,14 +76,7 @@ for stage in $STAGES; do
         study --config configs/$c.py --out "$OUT/sweep_$c" --variants baseline,no_scale,unified \
           --seeds 0 --lrs "$LRS"
       done ;;
-    pre)
-      lr=$(best baseline shakespeare_char)
-      study --config $SHAKESPEARE --out "$OUT/pre_shakespeare_char" --variants $PRE --seeds "$SEEDS" --lrs "$lr"
-      for v in no_scale unified; do
-        own=$(best $v shakespeare_char)
-        study --config $SHAKESPEARE --out "$OUT/retuned_shakespeare_char" --variants baseline,$v \
-          --seeds "$SEEDS" --lrs "$own"
-      done ;;
+    pre) pre_norm_suite shakespeare_char ;;
     sandwich)
       lr=$(best baseline shakespeare_char)
       for wd in $SCALE_DECAYS; do
@@ -82,14 +87,7 @@ for stage in $STAGES; do
       lr=$(best baseline shakespeare_char)
       study --config $SHAKESPEARE --out "$OUT/qk_shakespeare_char" \
         --variants baseline@qk,dnp@qk,unified@qk,dnp,dnp_no_qk --seeds "$SEEDS" --lrs "$lr" ;;
-    stdlib)
-      lr=$(best baseline study_stdlib)
-      study --config $STDLIB --out "$OUT/pre_study_stdlib" --variants $PRE --seeds "$SEEDS" --lrs "$lr"
-      for v in no_scale unified; do
-        own=$(best $v study_stdlib)
-        study --config $STDLIB --out "$OUT/retuned_study_stdlib" --variants baseline,$v \
-          --seeds "$SEEDS" --lrs "$own"
-      done ;;
+    stdlib) pre_norm_suite study_stdlib ;;
     post)
       lr=$(best baseline shakespeare_char)
       study --config $SHAKESPEARE --out "$OUT/post_shakespeare_char" --seeds "$SEEDS" --lrs "$lr" \
