@@ -26,6 +26,16 @@ def input_branches(module_cls, hg: bool) -> tuple[str, ...]:
   return tuple(module_cls.BRANCHES) if hg else ('scale',)
 
 
+def token_matmul(x_BxLxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
+  """x @ W in x's dtype, over the tokens flattened to one axis: the weight gradient is
+  then a dot over a single contracting axis, which XLA:CPU hands to its GEMM as is;
+  over [B, L] it first writes the output gradient transposed, a copy per map
+  (PERFORMANCE.md)."""
+  x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+  y_TxF = jnp.dot(x_TxD, w_DxF.astype(x_BxLxD.dtype))
+  return y_TxF.reshape(*x_BxLxD.shape[:-1], w_DxF.shape[-1])
+
+
 class Linear(nnx.Module):
   """y = x @ W, optionally followed by an output-side scale (DP) or norm (DNP).
 
@@ -62,11 +72,7 @@ class Linear(nnx.Module):
     if isinstance(x, Scaled):
       x, v = x.n, x.gamma
       w = w if v is None else v[:, None] * w
-    # Tokens on one axis: the weight gradient is then a dot over a single contracting
-    # axis, which XLA:CPU hands to its GEMM as is; over [B, L] it first writes the
-    # output gradient transposed, a copy per map (PERFORMANCE.md).
-    x_TxD = x.reshape(-1, x.shape[-1])
-    return jnp.dot(x_TxD, w.astype(x.dtype)).reshape(*x.shape[:-1], w.shape[-1])
+    return token_matmul(x, w)
 
   def finish(self, y: jax.Array) -> jax.Array:
     """The output side: DP's scale or DNP's norm (identity without one)."""
@@ -88,9 +94,7 @@ class Embed(nnx.Module):
 
   def attend(self, x_BxLxD: jax.Array) -> jax.Array:
     """Tied LM head: logits against the embedding table."""
-    x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])  # one contracting axis, as in Linear
-    logits_TxV = jnp.dot(x_TxD, self.table[...].astype(x_BxLxD.dtype).T)
-    return logits_TxV.reshape(*x_BxLxD.shape[:-1], -1)
+    return token_matmul(x_BxLxD, self.table[...].T)
 
 
 def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float) -> jax.Array:

@@ -165,7 +165,7 @@ class TorchReference(Case):
     return self.answer['loss']
 
   def clocks(self) -> tuple[float, int]:
-    return self.answer.get('cpu_s', 0.0), self.answer.get('minor_faults', 0)
+    return self.answer['cpu_s'], self.answer['minor_faults']
 
   def close(self) -> None:
     if self.proc is not None and self.proc.poll() is None:
@@ -187,7 +187,7 @@ def nanogpt_torch_case(cfg, vocab: int) -> TorchReference:
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   case = TorchReference('nanogpt_torch', None, None, [], shape['batch'] * shape['seq_len'],
                         torch_reference.flops_per_step(shape), 0.0, -1, proc=proc)
-  case._ask(shape)  # built and ready
+  case.answer = case._ask(shape)  # built and ready, with its clocks so far
   return case
 
 

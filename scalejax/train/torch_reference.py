@@ -12,8 +12,8 @@ normally do, nothing of XLA's thread pools or of our allocator settings
 same rounds as the JAX variants, so both see the same load on a shared machine.
 
 Protocol: the shape and optimizer as one JSON line on stdin, then one line per
-request, `{"steps": n}`, each answered by `{"loss", "cpu_s", "minor_faults"}` (its own
-process's CPU time and page faults so far).
+request, `{"steps": n}`, each answered (the shape too, once built) by `{"loss", "cpu_s",
+"minor_faults"}` (its own process's CPU time and page faults so far).
 """
 
 from __future__ import annotations
@@ -93,14 +93,18 @@ def flops_per_step(shape: dict) -> float:
   return (6 * matmul + 12 * n_layers * d * l) * shape['batch'] * l
 
 
+def _clocks() -> dict:
+  return {'cpu_s': time.process_time(),
+          'minor_faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
+
+
 def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
   steps = build(json.loads(stdin.readline()))
-  print(json.dumps({'ready': True}), file=stdout, flush=True)
+  # Ready, with the clocks so far: the first timed steps do not count the start-up.
+  print(json.dumps({'loss': float('nan'), **_clocks()}), file=stdout, flush=True)
   for line in stdin:
     loss = steps(int(json.loads(line)['steps']))
-    print(json.dumps({'loss': loss, 'cpu_s': time.process_time(),
-                      'minor_faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt}),
-          file=stdout, flush=True)
+    print(json.dumps({'loss': loss, **_clocks()}), file=stdout, flush=True)
 
 
 if __name__ == '__main__':
