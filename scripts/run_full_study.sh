@@ -16,6 +16,7 @@
 #   batch     global batch 12/48/192 at a fixed token budget (3 seeds): baseline,
 #             no_scale, unified; LR scaled by the square root of the batch ratio (Adam),
 #             warmup kept at the same number of tokens
+# After the stages, `python -m scalejax.studies.claims --out OUT` writes the claims table.
 # Every stage needs the sweep's winners: it reads them from OUT/sweep_<corpus>/summary.json
 # and refuses to go on if a winner sits at the edge of the grid (widen $LRS and rerun).
 # Env: PARALLEL (1: on 2 cores two trials at once gave about half the throughput of one
@@ -34,7 +35,12 @@ SHAKESPEARE=configs/shakespeare_char.py
 COMMON=(--suite full --set train.sample_tokens=0 --set checkpoint.every=500 --parallel "$PARALLEL")
 PRE=baseline,no_scale,hg,dp,dnp,magdir,magdir_unit,unified,unified_nohg,unified_frozen
 
-study() { python -m scalejax.studies.ablation "${COMMON[@]}" "$@"; }
+# A run another stage already finished (same command but for its folder, e.g. seed 0 of
+# the sweep's winner) is copied, not trained again.
+study() {
+  python -m scalejax.studies.ablation "${COMMON[@]}" \
+    --reuse "$(find "$OUT" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | sort | paste -sd, -)" "$@"
+}
 
 # best VARIANT CORPUS: the LR with the lowest final eval loss in that corpus's sweep
 best() {
@@ -63,7 +69,7 @@ pre_norm_suite() {
   study --config "configs/$1.py" --out "$OUT/pre_$1" --variants $PRE --seeds "$SEEDS" --lrs "$lr"
   for v in no_scale unified; do
     own=$(best $v "$1")
-    study --config "configs/$1.py" --out "$OUT/retuned_$1" --variants baseline,$v \
+    study --config "configs/$1.py" --out "$OUT/retuned_${v}_$1" --variants baseline,$v \
       --seeds "$SEEDS" --lrs "$own"
   done
 }
@@ -104,4 +110,7 @@ for stage in $STAGES; do
     *) echo "unknown stage $stage; valid: sweep pre sandwich qk stdlib post batch" >&2; exit 2 ;;
   esac
 done
+echo "== claims $(date -u +%T)"
+# The claims table across the stages (what has run so far): OUT/claims.{md,json,png}
+python -m scalejax.studies.claims --out "$OUT"
 echo "== done $(date -u +%T)"

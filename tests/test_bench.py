@@ -101,16 +101,45 @@ def test_tuning_can_be_turned_off(monkeypatch):
   assert xla_flags.apply() == {'malloc': False, 'xla_flags': False}
 
 
-def test_the_cpu_peak_is_the_median_of_its_probes(monkeypatch):
+def test_the_cpu_peak_is_the_median_of_its_probes(monkeypatch, tmp_path):
   """One busy second moves one probe, not the MFU: train.py and the bench divide by the
   median of the probes they took (on CPU the probe measures the whole machine)."""
   readings = iter([100e9, 20e9, 110e9, 105e9, 90e9, 5e9])
   monkeypatch.setattr(metrics, 'matmul_probe', lambda: lambda: next(readings))
-  peak = metrics.Peak(first=3)
+  record = metrics.ProbeRecord(str(tmp_path / 'probe.json'))
+  peak = metrics.Peak(first=3, record=record)
   assert peak.samples == [100e9, 20e9, 110e9] and peak.flops == 100e9
   peak.sample(), peak.sample(), peak.sample()
   assert peak.flops == 95e9 and peak.total(8) == 95e9
-  assert metrics.Peak(first=0).flops != metrics.Peak(first=0).flops  # nan before a probe
+  empty = metrics.ProbeRecord(str(tmp_path / 'other.json'))
+  assert metrics.Peak(first=0, record=empty).flops != metrics.Peak(first=0, record=empty).flops
+
+
+def test_runs_on_one_machine_share_their_probes(monkeypatch, tmp_path):
+  """A run that probed in a busy second divides by the machine's usual figure: the next
+  run (the bench after train.py, or the reverse) reads the earlier probes too."""
+  readings = iter([100e9, 102e9, 98e9, 30e9, 35e9])
+  monkeypatch.setattr(metrics, 'matmul_probe', lambda: lambda: next(readings))
+  path = str(tmp_path / 'cache' / 'probe.json')
+  first = metrics.Peak(first=3, record=metrics.ProbeRecord(path))
+  busy = metrics.Peak(first=2, record=metrics.ProbeRecord(path))  # two busy probes
+  assert busy.earlier == [100e9, 102e9, 98e9] and busy.samples == [30e9, 35e9]
+  assert busy.flops == 98e9 and first.flops == 100e9  # alone it would read 32.5e9
+  assert 'median of 2 probes of this run and 3 earlier ones' in busy.source
+  # The record keeps the newest `keep`, per machine key; other machines' stay apart.
+  small = metrics.ProbeRecord(path, keep=4)
+  assert small.read() == [102e9, 98e9, 30e9, 35e9]
+  small.key = 'another CPU'
+  small.add(1e9)
+  assert small.read() == [1e9] and len(metrics.ProbeRecord(path).read()) == 5
+  # A cache that cannot be written (or a corrupt file) leaves a run its own probes.
+  (tmp_path / 'bad.json').write_text('{not json')
+  assert metrics.ProbeRecord(str(tmp_path / 'bad.json')).read() == []
+  blocked = tmp_path / 'file'
+  blocked.write_text('')
+  readings = iter([50e9])
+  alone = metrics.Peak(first=1, record=metrics.ProbeRecord(str(blocked / 'probe.json')))
+  assert alone.flops == 50e9
 
 
 def test_loop_call_times_the_train_loops_own_step_next_to_the_compiled_one():

@@ -107,6 +107,23 @@ def test_schedule_shapes():
   np.testing.assert_allclose(wsd5[[50, 75, 100]], [1.0, 0.55, 0.1], atol=1e-6)
 
 
+def test_decay_budget_is_the_product_of_the_scheduled_shrink_factors():
+  # Constant LR, no warmup: (1 - lr * wd) ** steps exactly.
+  const = _cfg(schedule='constant', warmup_steps=0, lr=2e-3)
+  np.testing.assert_allclose(optim.decay_budget(const, 500, 0.3), (1 - 2e-3 * 0.3) ** 500,
+                             rtol=1e-6)
+  assert optim.decay_budget(const, 500, 0.0) == 1.0
+  # Warmup then cosine to 0.1 x, written out from the formula, step by step.
+  cos = _cfg(schedule='cosine', warmup_steps=100, lr=1e-3)
+  lrs = [1e-3 * t / 100 if t < 100 else
+         1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (t - 100) / 1900))) for t in range(2000)]
+  np.testing.assert_allclose(optim.decay_budget(cos, 2000, 1.0), np.prod(1 - np.array(lrs)),
+                             rtol=1e-5)
+  # The LRs sum to 1e-3 * (50 + 1900 * 0.55) = 1.095, so the budget is ~exp(-1.095 wd).
+  np.testing.assert_allclose(optim.decay_budget(cos, 2000, 0.1), np.exp(-0.1095), rtol=1e-3)
+  np.testing.assert_allclose(optim.decay_budget(cos, 2000, 1.0), np.exp(-1.095), rtol=0.02)
+
+
 def test_unknown_names_are_clear_errors():
   _, _, role_t, axes_t = _setup()
   with pytest.raises(ValueError, match="unknown optimizer.name 'adam'; valid: adamw"):

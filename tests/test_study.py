@@ -187,6 +187,27 @@ def test_tiny_suite_writes_table_and_plots_and_resumes(tmp_path, capsys):
   assert os.path.getmtime(out / 'trials' / 'baseline-adamw-cosine-s0' / 'result.json') == stamp
   assert again['table'] == rep['table']
 
+  # Another study with the same runs copies them from this one (without checkpoints)
+  # instead of training them again; its table is built from the copies.
+  other = tmp_path / 'other'
+  capsys.readouterr()
+  copied = _main([*argv[:2], '--out', str(other), *argv[4:6], '--seeds', '0', *argv[8:],
+                  '--reuse', str(out)])
+  assert '2 trials, 2 distinct runs, 2 copied from --reuse, 0 to run' in capsys.readouterr().out
+  for v in ('baseline', 'no_scale'):
+    assert copied['summary']['adamw-cosine'][v]['losses'] == {0: rows[v]['losses'][0]}
+    assert (other / 'trials' / f'{v}-adamw-cosine-s0' / 'metrics.jsonl').exists()
+    assert not (other / 'trials' / f'{v}-adamw-cosine-s0' / 'checkpoints').exists()
+
+
+def test_a_run_is_reused_only_when_its_command_matches_but_for_the_workdir():
+  t = study.Trial('baseline', 0, 'adamw', 'cosine', 1e-3, (('seed', 0),))
+  key = study.run_identity(study.train_command(TINY, '/a/trials/x', t))
+  assert key == study.run_identity(['/other/python', *study.train_command(TINY, '/b/y', t)[1:]])
+  other_seed = study.Trial('baseline', 1, 'adamw', 'cosine', 1e-3, (('seed', 1),))
+  assert key != study.run_identity(study.train_command(TINY, '/a/trials/x', other_seed))
+  assert '--config.seed=0' in key and '--workdir' not in key
+
 
 def _sweep_summary(out, losses):
   """A sweep's summary.json as the harness writes it: {group: {variant: {mean}}}."""

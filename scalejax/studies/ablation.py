@@ -228,6 +228,32 @@ def train_command(config_path: str, workdir: str, trial: Trial) -> list[str]:
   return cmd
 
 
+def run_identity(command: list[str]) -> str:
+  """What makes two runs the same: the training command without interpreter and workdir."""
+  return ' '.join(a for a in command[1:] if not a.startswith('--workdir='))
+
+
+def finished_runs(study_dirs) -> dict[str, str]:
+  """{run identity: trial folder} of every finished trial in other studies' folders."""
+  found = {}
+  for study in study_dirs:
+    root = os.path.join(study, 'trials')
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+      path = os.path.join(root, name, 'result.json')
+      if os.path.exists(path):
+        with open(path) as f:
+          found.setdefault(run_identity(json.load(f)['command'].split(' ')),
+                           os.path.join(root, name))
+  return found
+
+
+def reuse_trial(source: str, workdir: str) -> None:
+  """Copies a finished trial (not its checkpoints: the run is over) into this study."""
+  import shutil
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns('checkpoints'),
+                  dirs_exist_ok=True)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
@@ -453,6 +479,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('parallel', 1, 'trials run at once', flag_values=fv)
   flags.DEFINE_multi_string('set', [], 'config override KEY=VALUE for every trial, repeated: '
                             '--set train.steps=300 --set train.eval_every=60', flag_values=fv)
+  flags.DEFINE_list('reuse', [], 'other study folders: a trial whose training command '
+                    '(but for its workdir) ran to the end there is copied, not rerun',
+                    flag_values=fv)
   flags.DEFINE_bool('aggregate_only', False, 'only rebuild the report', flag_values=fv)
   flags.mark_flags_as_required(['config', 'out'], flag_values=fv)
 
@@ -489,7 +518,15 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   os.makedirs(out, exist_ok=True)
   if not fv.aggregate_only:
     todo = [(d, t) for d, t in unique.items() if not os.path.exists(os.path.join(d, 'result.json'))]
-    print(f'{len(trials)} trials, {len(unique)} distinct runs, {len(todo)} to run', flush=True)
+    done_elsewhere = finished_runs([os.path.abspath(r) for r in fv.reuse])
+    copies = [(d, done_elsewhere[key]) for d, t in todo
+              if (key := run_identity(train_command(config_path, d, t))) in done_elsewhere]
+    for d, source in copies:
+      reuse_trial(source, d)
+    todo = [(d, t) for d, t in todo if d not in dict(copies)]
+    copied = f', {len(copies)} copied from --reuse' if fv.reuse else ''
+    print(f'{len(trials)} trials, {len(unique)} distinct runs{copied}, {len(todo)} to run',
+          flush=True)
 
     def go(item):
       d, t = item

@@ -242,11 +242,7 @@ def machine() -> dict:
               processor=platform.processor() or platform.machine(),
               jax=jax.__version__, python=platform.python_version(),
               xla_flags=os.environ.get('XLA_FLAGS', ''), tuning=xla_flags.apply())
-  try:
-    with open('/proc/cpuinfo') as f:
-      info['cpu_model'] = next(l.split(':', 1)[1].strip() for l in f if 'model name' in l)
-  except (OSError, StopIteration):
-    pass
+  info['cpu_model'] = metrics.cpu_model()
   return info
 
 
@@ -278,7 +274,7 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
   finally:
     for case in cases:
       case.close()
-  peak_source = peak.source + (', one per round' if peak.samples else '')
+  peak_source = peak.source + (' (one per round)' if peak.samples else '')
   rows = report(cases, peak.total(jax.device_count()), peak_source)
   return dict(
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import statistics
 import time
@@ -36,18 +37,71 @@ def matmul_probe(n: int = 1024):
   return probe
 
 
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), or what `platform` knows of it."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(l.split(':', 1)[1].strip() for l in f if 'model name' in l)
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
+class ProbeRecord:
+  """The last `keep` CPU matmul probes that scalejax processes took on this machine.
+
+  A JSON file in the user's cache (`$SCALEJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/scalejax`
+  or `~/.cache/scalejax`), keyed by what the probe's speed depends on: CPU model, core
+  count, JAX version and XLA flags. `train.py` and the bench both read and extend it, so
+  their MFU divides by one figure: the same step time gives the same MFU in either, even
+  when one of them probed in a busy second. A cache that cannot be written leaves each
+  process with its own probes.
+  """
+
+  def __init__(self, path: str | None = None, keep: int = 64):
+    root = os.environ.get('SCALEJAX_CACHE_DIR') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'scalejax')
+    self.path = path or os.path.join(root, 'cpu_probe.json')
+    self.keep = keep
+    self.key = ' | '.join([cpu_model(), f'{os.cpu_count()} cores', f'jax {jax.__version__}',
+                           os.environ.get('XLA_FLAGS', '')])
+
+  def _load(self) -> dict:
+    try:
+      with open(self.path) as f:
+        data = json.load(f)
+      return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+      return {}
+
+  def read(self) -> list[float]:
+    values = self._load().get(self.key, [])
+    return [float(v) for v in values if isinstance(v, (int, float)) and v > 0][-self.keep:]
+
+  def add(self, value: float) -> None:
+    data = self._load()
+    data[self.key] = [*self.read(), value][-self.keep:]
+    try:  # write whole, then rename: a reader never sees half a file
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      tmp = f'{self.path}.{os.getpid()}.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(data, f, indent=1)
+      os.replace(tmp, self.path)
+    except OSError:
+      pass
+
+
 class Peak:
   """Peak FLOP/s per device, the denominator of MFU.
 
   TPU/GPU: the dense bf16 figure of `PEAK_FLOPS`. CPU: the median of float32 matmul
-  probes (`matmul_probe`, each the best of 3), `first` of them at start and one more at
-  every `sample()`. One probe reads whatever load the machine had in that second; the
-  median of several taken over a run does not follow one busy second. The bench takes
-  the same probe once per round and the same median, so the two report one MFU for one
-  step time.
+  probes (`matmul_probe`, each the best of 3): this process's (`first` at start and one
+  more at every `sample()`) together with the recent ones of other runs on this machine
+  (`ProbeRecord`). One probe reads whatever load the machine had in that second; the
+  median of many does not follow one busy second, and the bench and `train.py` share
+  the record, so the two report one MFU for one step time.
   """
 
-  def __init__(self, device=None, first: int = 5):
+  def __init__(self, device=None, first: int = 5, record: ProbeRecord | None = None):
     device = device or jax.devices()[0]
     self.samples: list[float] = []
     self._probe = matmul_probe() if device.platform == 'cpu' else None
@@ -56,21 +110,36 @@ class Peak:
       self._fixed, self.source = next(
           ((peak, f'{device.device_kind} bf16 dense peak') for key, peak in PEAK_FLOPS
            if key in kind), (float('nan'), f'unknown device {device.device_kind}'))
+      self.earlier: list[float] = []
     else:
-      self.source = 'cpu float32 matmul probe, median of repeated probes'
+      self._record = record or ProbeRecord()
+      self.earlier = self._record.read()  # other runs' probes, read once
       for _ in range(first):
         self.sample()
+
+  @property
+  def source(self) -> str:
+    if self._probe is None:
+      return self._source
+    return (f'cpu float32 matmul probe, median of {len(self.samples)} probes of this run and '
+            f'{len(self.earlier)} earlier ones on this machine')
+
+  @source.setter
+  def source(self, text: str) -> None:
+    self._source = text
 
   def sample(self) -> None:
     """One more probe (CPU only; a no-op elsewhere)."""
     if self._probe is not None:
       self.samples.append(self._probe())
+      self._record.add(self.samples[-1])
 
   @property
   def flops(self) -> float:
     if self._probe is None:
       return self._fixed
-    return statistics.median(self.samples) if self.samples else float('nan')
+    readings = self.earlier + self.samples
+    return statistics.median(readings) if readings else float('nan')
 
   def total(self, n_devices: int) -> float:
     """Peak of `n_devices` devices: a CPU probe already measures the whole machine

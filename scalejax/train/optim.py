@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from scalejax.core import roles as R
@@ -80,6 +82,18 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   if warmup == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, opt_cfg.lr, warmup), after], [warmup])
+
+
+def decay_budget(opt_cfg, total_steps: int, rate: float) -> float:
+  """prod_t (1 - lr_t * rate): the factor decay alone shrinks a param by over a run.
+
+  The decay is decoupled and scaled by the schedule (`build_optimizer` chains it before
+  the -lr(step) scaling), so this is what a decay rate means for a run of this length;
+  `rate` includes any LR multiplier the param gets (`scale_lr_mult` for scales).
+  """
+  lrs = np.asarray(jax.vmap(make_schedule(opt_cfg, total_steps))(jnp.arange(total_steps)),
+                   np.float64)
+  return float(np.prod(1.0 - lrs * rate))
 
 
 # --- optimizer directions ---------------------------------------------------------

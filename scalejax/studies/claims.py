@@ -1,0 +1,392 @@
+r"""The claims table of the full-budget study: each claim of the paper, measured.
+
+    python -m scalejax.studies.claims --out runs/full [--markdown runs/full/claims.md]
+
+Reads the study folders `scripts/run_full_study.sh` writes under OUT (each with the
+`summary.json` of `scalejax.studies.ablation`) and compares cells *across* them, which
+one ablation run cannot: "after retuning" puts a variant at its own best LR (from the
+LR sweep) against the baseline at the baseline's best LR. Every comparison is paired by
+seed (same seed = same data order). Per row:
+
+  * the mean paired difference Δ = variant − reference with its 95 % CI (Student's t,
+    n − 1 dof) and the two-sided p of the paired t-test;
+  * the effect size: Δ in units of the reference's seed std;
+  * Holm's step-down correction over every row of the same table (the family) that has
+    at least two seeds; the verdict uses the corrected p: "supports" when the sign is the
+    one the paper predicts, "against" when it is the opposite, "not resolved" otherwise;
+  * for the sandwich rows, the decay budget prod_t(1 − lr_t·wd) of the decayed scales.
+
+The power note gives, per corpus, the smallest |Δ| a paired t-test on n seeds detects
+with 80 % power at 5 % (two-sided), from the median std of the paired differences
+measured on that corpus. Cells that have not run yet are listed as such and left out of
+the correction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import ml_collections
+import numpy as np
+from absl import flags
+
+from scalejax.cli import common
+from scalejax.studies.ablation import paired_difference
+
+CORPORA = ('shakespeare_char', 'study_stdlib')
+SWEPT = ('baseline', 'no_scale', 'unified')  # the variants with an LR sweep of their own
+
+
+# --- what is compared -------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One variant's runs: in study folder `stage` ('{c}' is the corpus), at `lr`:
+  'base' = the baseline's best LR on the corpus, 'own' = the variant's own best, None =
+  the only LR that folder has."""
+  stage: str
+  variant: str
+  lr: str | None = 'base'
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  claim: str       # the paper's claim (or open question) the row tests
+  what: str        # the comparison, in words
+  corpus: str
+  x: Cell
+  ref: Cell
+  expect: int      # the sign of x − ref the paper predicts: +1 higher loss, −1 lower
+  budget: bool = False  # report the decay budget of the scales x decays
+
+
+REMOVAL = 'removing the scale vectors hurts'
+IWD = 'IWD beats decaying all scales and decaying none, with Output-Norms present'
+EACH = 'each improvement (HG, DP/DNP, OR) lowers the loss'
+QK = 'DNP helps beyond normalizing q and k'
+UNIFIED = 'the unified recipe beats a tuned baseline'
+
+
+def claim_rows(sandwich_decays=()) -> list[Row]:
+  """The claims table; `sandwich_decays` are the scale-decay rates of the IWD stage."""
+  rows = []
+  for c in CORPORA:
+    pre = f'pre_{c}'
+    rows += [
+        Row(REMOVAL, 'no_scale − baseline, both at the baseline\'s best LR', c,
+            Cell(pre, 'no_scale'), Cell(pre, 'baseline'), +1),
+        Row(REMOVAL, 'no_scale at its best LR − baseline at its best LR', c,
+            Cell(f'retuned_no_scale_{c}', 'no_scale', 'own'), Cell(pre, 'baseline'), +1),
+        *[Row(EACH, f'{v} − baseline', c, Cell(pre, v), Cell(pre, 'baseline'), -1)
+          for v in ('hg', 'dp', 'dnp', 'magdir', 'magdir_unit')],
+        Row(UNIFIED, 'unified − baseline, both at the baseline\'s best LR', c,
+            Cell(pre, 'unified'), Cell(pre, 'baseline'), -1),
+        Row(UNIFIED, 'unified at its best LR − baseline at its best LR', c,
+            Cell(f'retuned_unified_{c}', 'unified', 'own'), Cell(pre, 'baseline'), -1),
+    ]
+  sh = 'shakespeare_char'
+  for wd in sandwich_decays:
+    stage = f'sandwich_wd{wd}'
+    rows += [
+        Row(IWD, f'iwd − all @sandwich, scale decay {wd}', sh,
+            Cell(stage, 'decay_iwd@sandwich'), Cell(stage, 'decay_all@sandwich'), -1, True),
+        Row(IWD, f'iwd − none @sandwich, scale decay {wd}', sh,
+            Cell(stage, 'decay_iwd@sandwich'), Cell(stage, 'baseline@sandwich'), -1, True),
+    ]
+  qk = 'qk_shakespeare_char'
+  rows += [
+      Row(QK, 'dnp@qk − baseline@qk (both with QK-norm)', sh,
+          Cell(qk, 'dnp@qk'), Cell(qk, 'baseline@qk'), -1),
+      Row(QK, 'dnp_no_qk − baseline (DNP on v, gate, up only)', sh,
+          Cell(qk, 'dnp_no_qk'), Cell(qk, 'baseline'), -1),
+      Row(QK, 'unified@qk − baseline@qk', sh, Cell(qk, 'unified@qk'), Cell(qk, 'baseline@qk'), -1),
+  ]
+  return rows
+
+
+POST = 'Post-Norm (the paper is Pre-Norm)'
+BATCH = 'the gap at a larger global batch (same tokens)'
+ABLATE = 'ablations of the recipe'
+
+
+def open_rows(batches=()) -> list[Row]:
+  """Questions the paper leaves open; a family of its own for Holm."""
+  post, sh = 'post_shakespeare_char', 'shakespeare_char'
+  rows = [Row(POST, f'{v}@post − baseline@post', sh, Cell(post, f'{v}@post'),
+              Cell(post, 'baseline@post'), sign)
+          for v, sign in (('no_scale', +1), ('decay_all', +1), ('decay_iwd', -1),
+                          ('unified_nohg', -1))]
+  for c in CORPORA:
+    rows += [Row(ABLATE, f'{v} − baseline', c, Cell(f'pre_{c}', v), Cell(f'pre_{c}', 'baseline'),
+                 -1) for v in ('unified_nohg', 'unified_frozen')]
+  for b in batches:
+    rows += [Row(BATCH, f'{v} − baseline, batch {b}', sh, Cell(f'batch{b}', v, None),
+                 Cell(f'batch{b}', 'baseline', None), sign)
+             for v, sign in (('no_scale', +1), ('unified', -1))]
+  return rows
+
+
+# --- reading the study ------------------------------------------------------------
+
+def group_lr(group: str) -> float | None:
+  """The LR in a harness group name such as 'adamw-cosine-lr0.001@sandwich'."""
+  return float(group.split('-lr')[1].split('@')[0]) if '-lr' in group else None
+
+
+class Study:
+  """The study folders under OUT, read once."""
+
+  def __init__(self, out: str):
+    self.out = out
+    self._summaries = {}
+
+  def summary(self, stage: str) -> dict:
+    if stage not in self._summaries:
+      path = os.path.join(self.out, stage, 'summary.json')
+      self._summaries[stage] = json.load(open(path))['summary'] if os.path.exists(path) else {}
+    return self._summaries[stage]
+
+  def sweep(self, corpus: str) -> dict[str, dict[float, float]]:
+    """{variant: {lr: final eval loss}} of the corpus's LR sweep (seed 0)."""
+    out = {}
+    for group, rows in self.summary(f'sweep_{corpus}').items():
+      for v, r in rows.items():
+        out.setdefault(v, {})[group_lr(group)] = r['mean']
+    return out
+
+  def best_lr(self, corpus: str, variant: str) -> float | None:
+    losses = self.sweep(corpus).get(variant)
+    return min(losses, key=losses.get) if losses else None
+
+  def lr_of(self, cell: Cell, corpus: str) -> float | None:
+    if cell.lr == 'base':
+      return self.best_lr(corpus, 'baseline')
+    if cell.lr == 'own':
+      return self.best_lr(corpus, cell.variant)
+    return None if cell.lr is None else float(cell.lr)
+
+  def losses(self, cell: Cell, corpus: str) -> dict[int, float]:
+    """{seed: final eval loss} of a cell; {} when it has not run (yet)."""
+    summary = self.summary(cell.stage)
+    lr = self.lr_of(cell, corpus)
+    if cell.lr is not None and lr is None:
+      return {}
+    groups = [g for g, rows in summary.items() if cell.variant in rows
+              and (cell.lr is None or (group_lr(g) is not None
+                                       and math.isclose(group_lr(g), lr, rel_tol=1e-6)))]
+    if len(groups) != 1:  # none, or an LR-free cell in a folder with several LRs
+      return {}
+    return {int(s): v for s, v in summary[groups[0]][cell.variant]['losses'].items()}
+
+  def decay_budget(self, cell: Cell) -> float | None:
+    """prod_t(1 − lr_t · wd) of the decayed scales of the cell's first trial."""
+    from scalejax.train import optim
+    for path in sorted(glob.glob(os.path.join(self.out, cell.stage, 'trials', '*', 'config.json'))):
+      cfg = json.load(open(path))
+      opt = ml_collections.ConfigDict(cfg['optimizer'])
+      rate = opt.scale_decay if opt.scale_decay >= 0 else opt.weight_decay
+      return optim.decay_budget(opt, cfg['train']['steps'], rate * opt.scale_lr_mult)
+    return None
+
+
+# --- statistics -------------------------------------------------------------------
+
+def p_value(t: float, dof: int) -> float:
+  from scipy import stats
+  return float(2 * stats.t.sf(abs(t), dof)) if math.isfinite(t) else 0.0
+
+
+def holm(p_values) -> list[float]:
+  """Holm's step-down adjusted p-values, in the input's order (family-wise error)."""
+  p = np.asarray(p_values, float)
+  order = np.argsort(p)
+  m = len(p)
+  adjusted = np.empty(m)
+  running = 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * p[i]))
+    adjusted[i] = running
+  return adjusted.tolist()
+
+
+def detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
+  """The smallest |mean difference| a two-sided paired t-test on n pairs with this std of
+  the differences detects with this power: solved exactly on the noncentral t (the
+  usual (t_{1-a/2} + t_power) * sd / sqrt(n) is a few percent low at 5 seeds)."""
+  from scipy import optimize, stats
+  dof, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
+
+  def shortfall(nc):
+    # the wrong-sign tail vanishes for a large nc, where scipy returns NaN for it
+    return stats.nct.sf(crit, dof, nc) + np.nan_to_num(stats.nct.cdf(-crit, dof, nc)) - power
+
+  if n < 2:
+    return math.nan
+  nc = optimize.brentq(shortfall, 0.0, 100.0, xtol=1e-10)
+  return float(nc * sd / math.sqrt(n))
+
+
+def measure(study: Study, rows: list[Row]) -> list[dict]:
+  """Each row's paired difference, effect size, p and Holm-adjusted p (one family)."""
+  out = []
+  for row in rows:
+    x, ref = study.losses(row.x, row.corpus), study.losses(row.ref, row.corpus)
+    seeds = sorted(set(x) & set(ref))
+    d = paired_difference([x[s] for s in seeds], [ref[s] for s in seeds])
+    ref_sd = float(np.std([ref[s] for s in seeds], ddof=1)) if len(seeds) > 1 else math.nan
+    r = {'claim': row.claim, 'what': row.what, 'corpus': row.corpus, 'expect': row.expect,
+         'lr_x': study.lr_of(row.x, row.corpus), 'lr_ref': study.lr_of(row.ref, row.corpus),
+         'seeds': seeds, **d,
+         'effect': d['diff'] / ref_sd if ref_sd > 0 else math.nan,
+         'p': p_value(d['t'], d['n'] - 1) if d['n'] > 1 else math.nan}
+    if row.budget:
+      r['decay_budget'] = study.decay_budget(row.x)
+    out.append(r)
+  tested = [r for r in out if r['n'] > 1]
+  for r, adj in zip(tested, holm([r['p'] for r in tested])):
+    r['p_holm'] = adj
+    if adj < 0.05:
+      r['verdict'] = 'supports' if np.sign(r['diff']) == r['expect'] else 'against'
+    else:
+      r['verdict'] = 'not resolved'
+  for r in out:
+    r.setdefault('verdict', 'not run yet' if r['n'] == 0 else 'one seed')
+  return out
+
+
+def power_note(measured: list[dict]) -> dict[str, dict]:
+  """Per corpus: the median std of paired differences and the effect n seeds resolve."""
+  note = {}
+  for corpus in sorted({r['corpus'] for r in measured}):
+    rows = [r for r in measured if r['corpus'] == corpus and r['n'] > 1]
+    if not rows:
+      continue
+    sd = float(np.median([r['sd'] for r in rows]))
+    n = int(np.median([r['n'] for r in rows]))
+    note[corpus] = {'sd_diff': sd, 'n': n, 'detectable': detectable_effect(sd, n)}
+  return note
+
+
+# --- report -----------------------------------------------------------------------
+
+def _f(x, spec='+.4f'):
+  return '—' if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def markdown(measured: list[dict], title: str) -> str:
+  lines = [f'### {title}', '',
+           '| claim | comparison | corpus | LR (x / ref) | seeds | Δ ± 95 % CI | effect (ref std) '
+           '| p | Holm p | verdict |', '|---|---|---|---|---|---|---|---|---|---|']
+  for r in measured:
+    lrs = f'{_f(r["lr_x"], "g")} / {_f(r["lr_ref"], "g")}'
+    delta = '—' if r['n'] == 0 else f'{_f(r["diff"])} ± {_f(r["ci"], ".4f")}'
+    what = r['what'] + (f' (decay budget {r["decay_budget"]:.3f})'
+                        if r.get('decay_budget') is not None else '')
+    lines.append(f'| {r["claim"]} | {what} | {r["corpus"]} | {lrs} | {r["n"]} | {delta} '
+                 f'| {_f(r["effect"], "+.2f")} | {_f(r["p"], ".3g")} | {_f(r.get("p_holm"), ".3g")} '
+                 f'| {r["verdict"]} |')
+  return '\n'.join(lines) + '\n'
+
+
+def sweep_markdown(study: Study) -> str:
+  lines = []
+  for c in CORPORA:
+    sweep = study.sweep(c)
+    if not sweep:
+      continue
+    lrs = sorted({lr for v in sweep.values() for lr in v})
+    lines += [f'### LR sweep, `{c}` (seed 0)', '',
+              '| variant | ' + ' | '.join(f'{lr:g}' for lr in lrs) + ' | best |',
+              '|---|' + '---|' * (len(lrs) + 1)]
+    for v, losses in sweep.items():
+      best = min(losses, key=losses.get)
+      edge = ' (edge of the grid)' if best in (lrs[0], lrs[-1]) else ''
+      cells = [('**%.4f**' if lr == best else '%.4f') % losses[lr] if lr in losses else '—'
+               for lr in lrs]
+      lines.append(f'| {v} | ' + ' | '.join(cells) + f' | {best:g}{edge} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plot(measured: list[dict], path: str) -> str:
+  """Forest plot: every row's Δ with its CI, coloured by verdict."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  rows = [r for r in measured if r['n'] > 1]
+  fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(rows) + 1.5), dpi=90)
+  colors = {'supports': 'tab:green', 'against': 'tab:red', 'not resolved': 'tab:gray'}
+  labels = [f'{r["what"]} [{r["corpus"].split("_")[0]}]' for r in rows]
+  ax.errorbar([r['diff'] for r in rows], range(len(rows)), xerr=[r['ci'] for r in rows],
+              fmt='none', ecolor='k', capsize=2, lw=0.8)
+  ax.scatter([r['diff'] for r in rows], range(len(rows)),
+             c=[colors[r['verdict']] for r in rows], zorder=3)
+  ax.set_yticks(range(len(rows)), labels, fontsize=6)
+  ax.axvline(0, color='k', lw=0.6)
+  ax.invert_yaxis()
+  ax.set(xlabel='final eval loss: x − reference (paired over seeds, 95 % CI)',
+         title='claims: green supports, red against, grey not resolved (Holm)')
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def report(out: str, md_path: str | None = None) -> dict:
+  study = Study(out)
+  decays = sorted((d.split('sandwich_wd')[1] for d in os.listdir(out)
+                   if d.startswith('sandwich_wd')), key=float) if os.path.isdir(out) else []
+  batches = sorted((int(d[5:]) for d in os.listdir(out) if d[5:].isdigit()
+                    and d.startswith('batch')) if os.path.isdir(out) else [])
+  claims = measure(study, claim_rows(decays))
+  extra = measure(study, open_rows(batches))
+  power = power_note(claims + extra)
+  parts = [sweep_markdown(study), markdown(claims, 'The paper\'s claims'),
+           markdown(extra, 'Beyond the paper'), '### Power', '']
+  parts += [f'- `{c}`: paired differences have a median std of {p["sd_diff"]:.4f} over '
+            f'{p["n"]} seeds; the smallest |Δ| detected with 80 % power at 5 % is '
+            f'{p["detectable"]:.4f} (uncorrected; Holm asks for more).' for c, p in power.items()]
+  text = '\n'.join(parts) + '\n'
+  md_path = md_path or os.path.join(out, 'claims.md')
+  os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+  with open(md_path, 'w') as f:
+    f.write(text)
+  pngs = [plot(claims + extra, os.path.join(os.path.dirname(os.path.abspath(md_path)),
+                                           'claims.png'))] if any(
+      r['n'] > 1 for r in claims + extra) else []
+  result = {'claims': claims, 'beyond': extra, 'power': power, 'plots': pngs}
+  with open(os.path.splitext(md_path)[0] + '.json', 'w') as f:
+    json.dump(result, f, indent=1, default=str)
+  return {**result, 'markdown': text}
+
+
+# --- command line -----------------------------------------------------------------
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('out', None, 'the full study\'s folder (scripts/run_full_study.sh OUT)',
+                      flag_values=fv)
+  flags.DEFINE_string('markdown', None, 'where the table goes (default OUT/claims.md; a '
+                      '.json and claims.png are written next to it)', flag_values=fv)
+  flags.mark_flags_as_required(['out'], flag_values=fv)
+
+
+def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
+  common.no_arguments(argv)
+  if not os.path.isdir(fv.out):
+    raise FileNotFoundError(f'--out {fv.out}: no such folder; run scripts/run_full_study.sh '
+                            f'{fv.out} first')
+  rep = report(fv.out, fv.markdown)
+  print(rep['markdown'])
+  return rep
+
+
+def run() -> None:
+  common.run(main, define_flags, __doc__)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,137 @@
+"""The claims table: Holm, power, and comparisons across study folders (after retuning)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from scalejax.cli import common
+from scalejax.studies import claims
+from scalejax.train import optim
+
+
+def test_holm_on_known_numbers():
+  # Sorted: 0.005 x4 = 0.02, 0.01 x3 = 0.03, 0.03 x2 = 0.06, 0.04 x1 = 0.04 -> 0.06 (monotone).
+  np.testing.assert_allclose(claims.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+  np.testing.assert_allclose(claims.holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
+  assert claims.holm([0.02]) == [0.02]
+
+
+def test_p_value_and_the_detectable_effect():
+  # t(4) = 2.776 is the 97.5 % point: p = 0.05 two-sided.
+  assert claims.p_value(2.7764451, 4) == pytest.approx(0.05, abs=1e-6)
+  assert claims.p_value(-2.7764451, 4) == pytest.approx(0.05, abs=1e-6)
+  # The detectable effect is where the exact power of the paired t-test (noncentral t,
+  # noncentrality effect * sqrt(n) / sd) is 80 %; the textbook shortcut
+  # (t_0.975 + t_0.8) * sd / sqrt(n) falls a little short of it at few seeds.
+  for n in (3, 5, 10):
+    mde = claims.detectable_effect(0.01, n)
+    crit = stats.t.ppf(0.975, n - 1)
+    nc = mde * math.sqrt(n) / 0.01
+    power = stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)
+    assert power == pytest.approx(0.8, abs=1e-6), (n, power)
+    shortcut = (crit + stats.t.ppf(0.8, n - 1)) * 0.01 / math.sqrt(n)
+    assert shortcut < mde < 1.1 * shortcut
+  assert claims.detectable_effect(0.02, 5) == pytest.approx(2 * claims.detectable_effect(0.01, 5))
+
+
+def _summary(folder, groups):
+  """A study folder's summary.json as the harness writes it (seeds as string keys)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  summary = {g: {v: {'n': len(l), 'mean': float(np.mean(l)),
+                     'losses': {str(s): x for s, x in enumerate(l)}} for v, l in rows.items()}
+             for g, rows in groups.items()}
+  (folder / 'summary.json').write_text(json.dumps({'summary': summary}))
+
+
+BASE = [1.70, 1.71, 1.69, 1.72, 1.70]
+
+
+@pytest.fixture
+def study(tmp_path):
+  """A full-study folder: sweep (baseline best 1e-3, no_scale 2e-3, unified 5e-4), the
+  Pre-Norm suite at 1e-3, the retuned runs, one sandwich stage."""
+  out = tmp_path / 'full'
+  _summary(out / 'sweep_shakespeare_char', {
+      'adamw-cosine-lr0.0005': {'baseline': [1.75], 'no_scale': [1.80], 'unified': [1.60]},
+      'adamw-cosine-lr0.001': {'baseline': [1.70], 'no_scale': [1.75], 'unified': [1.62]},
+      'adamw-cosine-lr0.002': {'baseline': [1.72], 'no_scale': [1.74], 'unified': [1.65]}})
+  _summary(out / 'pre_shakespeare_char', {'adamw-cosine-lr0.001': {
+      'baseline': BASE,
+      'no_scale': [b + 0.03 for b in BASE],                       # clearly worse
+      'hg': [b - d for b, d in zip(BASE, (0.01, -0.01, 0.0, 0.005, -0.004))],  # noise
+      'dnp': [b + 0.02 + 0.001 * i for i, b in enumerate(BASE)]}})  # worse: against
+  # The retuned runs sit at their own LR; their seeds pair with the Pre-Norm baseline's.
+  _summary(out / 'retuned_no_scale_shakespeare_char', {'adamw-cosine-lr0.002': {
+      'baseline': [1.72] * 5, 'no_scale': [b + 0.01 for b in BASE[:4]]}})
+  _summary(out / 'sandwich_wd0.3', {'adamw-cosine-lr0.001@sandwich': {
+      'baseline@sandwich': BASE, 'decay_all@sandwich': BASE,
+      'decay_iwd@sandwich': [b - 0.002 for b in BASE]}})
+  trial = out / 'sandwich_wd0.3' / 'trials' / 'decay_iwd@sandwich-adamw-cosine-lr0.001-s0'
+  trial.mkdir(parents=True)
+  opt = {**optim.default_config().to_dict(), 'schedule': 'constant', 'warmup_steps': 0,
+         'scale_decay': 0.3}
+  (trial / 'config.json').write_text(json.dumps({'optimizer': opt, 'train': {'steps': 2000}}))
+  return out
+
+
+def _row(measured, what, corpus='shakespeare_char'):
+  [row] = [r for r in measured if r['what'] == what and r['corpus'] == corpus]
+  return row
+
+
+def test_claims_compare_across_folders_pair_by_seed_and_correct_for_the_family(study):
+  rep = common.parse_flags(claims.define_flags, ['--out', str(study)])
+  rep = claims.main(['claims'], rep)
+  rows = rep['claims']
+
+  same = _row(rows, "no_scale − baseline, both at the baseline's best LR")
+  assert same['n'] == 5 and same['diff'] == pytest.approx(0.03) and same['sd'] < 1e-12
+  assert same['verdict'] == 'supports' and same['lr_x'] == same['lr_ref'] == 1e-3
+
+  # After retuning: no_scale at its own best LR (2e-3, from the sweep) against the
+  # baseline at its best (1e-3, the Pre-Norm folder), on the 4 seeds both have.
+  retuned = _row(rows, 'no_scale at its best LR − baseline at its best LR')
+  assert (retuned['lr_x'], retuned['lr_ref'], retuned['seeds']) == (2e-3, 1e-3, [0, 1, 2, 3])
+  assert retuned['diff'] == pytest.approx(0.01)
+
+  dnp = _row(rows, 'dnp − baseline')
+  assert dnp['diff'] == pytest.approx(0.022) and dnp['verdict'] == 'against'
+  hg = _row(rows, 'hg − baseline')
+  d = np.array([-0.01, 0.01, 0.0, -0.005, 0.004])
+  assert hg['diff'] == pytest.approx(d.mean())
+  assert hg['effect'] == pytest.approx(d.mean() / np.std(BASE, ddof=1))
+  t = d.mean() / (d.std(ddof=1) / math.sqrt(5))
+  assert hg['p'] == pytest.approx(2 * stats.t.sf(abs(t), 4))
+
+  # Holm over the rows that have seeds: hg's p times the family's size at its rank.
+  tested = [r for r in rows if r['n'] > 1]
+  assert len(tested) == 6  # no_scale x2, hg, dnp, iwd − all, iwd − none
+  assert hg['p_holm'] == pytest.approx(claims.holm([r['p'] for r in tested])[tested.index(hg)])
+  assert hg['p_holm'] >= hg['p'] and hg['verdict'] == 'not resolved'
+
+  iwd = _row(rows, 'iwd − all @sandwich, scale decay 0.3')
+  assert iwd['diff'] == pytest.approx(-0.002) and iwd['verdict'] == 'supports'
+  assert iwd['decay_budget'] == pytest.approx((1 - 1e-3 * 0.3) ** 2000, rel=1e-6)
+
+  # What has not run is listed, not dropped and not counted in the correction.
+  assert _row(rows, 'magdir − baseline')['verdict'] == 'not run yet'
+  assert _row(rows, 'dp − baseline', 'study_stdlib')['lr_x'] is None
+
+  text = (study / 'claims.md').read_text()
+  assert '| unified | **1.6000** | 1.6200 | 1.6500 | 0.0005 (edge of the grid) |' in text
+  assert '| removing the scale vectors hurts | no_scale at its best LR − baseline at its best ' \
+         'LR | shakespeare_char | 0.002 / 0.001 | 4 | +0.0100 ± 0.0000 |' in text
+  assert '(decay budget 0.549)' in text
+  assert (study / 'claims.png').read_bytes()[:4] == b'\x89PNG'
+  saved = json.loads((study / 'claims.json').read_text())
+  assert saved['claims'][0]['verdict'] == 'supports'
+  assert 'shakespeare_char' in saved['power']
+
+
+def test_a_missing_study_folder_is_one_clear_error(tmp_path):
+  fv = common.parse_flags(claims.define_flags, ['--out', str(tmp_path / 'nowhere')])
+  with pytest.raises(FileNotFoundError, match='run scripts/run_full_study.sh'):
+    claims.main(['claims'], fv)
