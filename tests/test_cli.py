@@ -33,7 +33,9 @@ COMMANDS = {
     'scalejax.cli.lm_eval': (),  # lm-eval's own command line, passed through
     'scalejax.cli.export': ('workdir', 'out', 'step', 'overwrite'),
     'scalejax.studies.ablation': ('config', 'out', 'suite', 'variants', 'seeds', 'optimizers',
-                                  'schedules', 'lrs', 'parallel', 'set', 'aggregate_only'),
+                                  'schedules', 'lrs', 'parallel', 'set', 'reuse',
+                                  'aggregate_only'),
+    'scalejax.studies.claims': ('out', 'markdown'),
     'scalejax.studies.quant_study': ('runs', 'out', 'formats', 'modes', 'group_sizes', 'step',
                                      'eval_batches', 'replot'),
     'scalejax.studies.inspect_scales': ('runs', 'out', 'steps', 'print_report'),
@@ -51,6 +53,8 @@ BAD_INPUT = {
     ('-m', 'scalejax.studies.ablation', '--out', 'x'):
         ('scalejax.studies.ablation', 'flag --config=None: Flag --config must have a value'),
     ('-m', 'scalejax.cli.aot'): ('scalejax.cli.aot', '--config is required (or --fusion)'),
+    ('-m', 'scalejax.studies.claims', '--out', 'no/such/study'):
+        ('scalejax.studies.claims', '--out no/such/study: no such folder'),
 }
 
 

@@ -41,6 +41,7 @@ from absl import flags
 
 from scalejax.cli import common
 from scalejax.scales import variants as variants_lib
+from scalejax.studies.common import paired_difference
 
 BASELINE = 'baseline'
 # The repository (scalejax/studies/ablation.py is three levels down): trials run there.
@@ -299,25 +300,6 @@ def run_trial(config_path: str, workdir: str, trial: Trial, max_attempts: int = 
 
 
 # --- aggregation ------------------------------------------------------------------
-
-def t_critical(dof: int, level: float = 0.95) -> float:
-  from scipy import stats  # jax's own dependency
-  return float(stats.t.ppf(0.5 + level / 2, dof))
-
-
-def paired_difference(x, base) -> dict:
-  """Mean of x - base over paired seeds, its 95% CI and whether it excludes 0."""
-  d = np.asarray(x, float) - np.asarray(base, float)
-  n = len(d)
-  out = {'n': n, 'diff': float(d.mean()) if n else math.nan}
-  if n < 2:
-    return {**out, 'sd': math.nan, 'ci': math.nan, 't': math.nan, 'beyond_noise': False}
-  sd = float(d.std(ddof=1))
-  se = sd / math.sqrt(n)
-  ci = t_critical(n - 1) * se
-  t = out['diff'] / se if se > 0 else (math.inf if out['diff'] else 0.0) * np.sign(out['diff'])
-  return {**out, 'sd': sd, 'ci': ci, 't': float(t), 'beyond_noise': bool(abs(out['diff']) > ci)}
-
 
 def aggregate(results: dict) -> dict:
   """results: {group: {variant: {seed: {'final_eval_loss', 'tokens_per_sec', ...}}}}."""

@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 
 from scalejax.cli import common
-from scalejax.studies.ablation import paired_difference
+from scalejax.studies.common import paired_difference
 
 CORPORA = ('shakespeare_char', 'study_stdlib')
 SWEPT = ('baseline', 'no_scale', 'unified')  # the variants with an LR sweep of their own
