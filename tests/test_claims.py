@@ -69,6 +69,10 @@ def study(tmp_path):
   _summary(out / 'sandwich_wd0.3', {'adamw-cosine-lr0.001@sandwich': {
       'baseline@sandwich': BASE, 'decay_all@sandwich': BASE,
       'decay_iwd@sandwich': [b - 0.002 for b in BASE]}})
+  for b, gap in ((12, 0.03), (48, 0.02)):  # each batch at its own (scaled) LR
+    _summary(out / f'batch{b}', {f'adamw-cosine-lr{1e-3 * (b / 12) ** 0.5:g}': {
+        'baseline': BASE[:3], 'no_scale': [x + gap for x in BASE[:3]],
+        'unified': [x - gap + 0.001 * i for i, x in enumerate(BASE[:3])]}})
   trial = out / 'sandwich_wd0.3' / 'trials' / 'decay_iwd@sandwich-adamw-cosine-lr0.001-s0'
   trial.mkdir(parents=True)
   opt = {**optim.default_config().to_dict(), 'schedule': 'constant', 'warmup_steps': 0,
@@ -120,6 +124,16 @@ def test_claims_compare_across_folders_pair_by_seed_and_correct_for_the_family(s
   assert _row(rows, 'magdir − baseline')['verdict'] == 'not run yet'
   assert _row(rows, 'dp − baseline', 'study_stdlib')['lr_x'] is None
 
+  # The batch sweep: each folder's only LR, 3 seeds, a family of its own with the other
+  # open questions; the trend is plotted.
+  batch = {r['what']: r for r in rep['beyond'] if r['claim'] == claims.BATCH}
+  assert list(batch) == ['no_scale − baseline, batch 12', 'unified − baseline, batch 12',
+                         'no_scale − baseline, batch 48', 'unified − baseline, batch 48']
+  assert batch['no_scale − baseline, batch 48']['diff'] == pytest.approx(0.02)
+  assert batch['unified − baseline, batch 48']['lr_x'] is None
+  assert batch['unified − baseline, batch 12']['n'] == 3
+  assert (study / 'batch_trend.png').read_bytes()[:4] == b'\x89PNG'
+
   text = (study / 'claims.md').read_text()
   assert '| unified | **1.6000** | 1.6200 | 1.6500 | 0.0005 (edge of the grid) |' in text
   assert '| removing the scale vectors hurts | no_scale at its best LR − baseline at its best ' \
@@ -128,7 +142,7 @@ def test_claims_compare_across_folders_pair_by_seed_and_correct_for_the_family(s
   assert (study / 'claims.png').read_bytes()[:4] == b'\x89PNG'
   saved = json.loads((study / 'claims.json').read_text())
   assert saved['claims'][0]['verdict'] == 'supports'
-  assert 'shakespeare_char' in saved['power']
+  assert 'shakespeare_char' in saved['power'] and saved['plots'] == ['claims.png', 'batch_trend.png']
 
 
 def test_a_missing_study_folder_is_one_clear_error(tmp_path):

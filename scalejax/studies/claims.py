@@ -336,6 +336,31 @@ def plot(measured: list[dict], path: str) -> str:
   return path
 
 
+def plot_batch_trend(measured: list[dict], path: str) -> str | None:
+  """The batch-size question: each gap to the baseline against the global batch."""
+  rows = [r for r in measured if r['claim'] == BATCH and r['n'] > 1]
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
+  for variant in sorted({r['what'].split(' − ')[0] for r in rows}):
+    mine = sorted((int(r['what'].rsplit(' ', 1)[1]), r) for r in rows
+                  if r['what'].startswith(f'{variant} − '))
+    ax.errorbar([b for b, _ in mine], [r['diff'] for _, r in mine],
+                yerr=[r['ci'] for _, r in mine], marker='o', capsize=3, label=variant)
+  ax.axhline(0, color='k', lw=0.6)
+  ax.set_xscale('log', base=2)
+  ax.set(xlabel='global batch (sequences; same tokens per run)',
+         ylabel='final eval loss − baseline (95 % CI)', title='the gap against the batch size')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
 def report(out: str, md_path: str | None = None) -> dict:
   study = Study(out)
   decays = sorted((d.split('sandwich_wd')[1] for d in os.listdir(out)
@@ -350,15 +375,21 @@ def report(out: str, md_path: str | None = None) -> dict:
   parts += [f'- `{c}`: paired differences have a median std of {p["sd_diff"]:.4f} over '
             f'{p["n"]} seeds; the smallest |Δ| detected with 80 % power at 5 % is '
             f'{p["detectable"]:.4f} (uncorrected; Holm asks for more).' for c, p in power.items()]
-  text = '\n'.join(parts) + '\n'
+  header = ('Built by `python -m scalejax.studies.claims --out OUT` from the study folders '
+            'that `bash scripts/run_full_study.sh OUT` writes (rerun that command to redo '
+            'any cell). Final eval loss at the last step; Δ = x − reference, paired by seed; '
+            'Holm over the rows of each table that have seeds.')
+  text = '\n'.join([header, '', *parts]) + '\n'
   md_path = md_path or os.path.join(out, 'claims.md')
   os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
   with open(md_path, 'w') as f:
     f.write(text)
-  pngs = [plot(claims + extra, os.path.join(os.path.dirname(os.path.abspath(md_path)),
-                                           'claims.png'))] if any(
+  folder = os.path.dirname(os.path.abspath(md_path))
+  pngs = [plot(claims + extra, os.path.join(folder, 'claims.png'))] if any(
       r['n'] > 1 for r in claims + extra) else []
-  result = {'claims': claims, 'beyond': extra, 'power': power, 'plots': pngs}
+  pngs += filter(None, [plot_batch_trend(extra, os.path.join(folder, 'batch_trend.png'))])
+  result = {'claims': claims, 'beyond': extra, 'power': power,
+            'plots': [os.path.basename(p) for p in pngs]}  # next to the markdown
   with open(os.path.splitext(md_path)[0] + '.json', 'w') as f:
     json.dump(result, f, indent=1, default=str)
   return {**result, 'markdown': text}
