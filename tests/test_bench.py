@@ -101,6 +101,28 @@ def test_tuning_can_be_turned_off(monkeypatch):
   assert xla_flags.apply() == {'malloc': False, 'xla_flags': False}
 
 
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason='Linux CPU affinity')
+def test_scalejax_cpus_pins_the_process_before_jax_starts():
+  assert xla_flags.parse_cpus('0-3,6') == {0, 1, 2, 3, 6} and xla_flags.parse_cpus('2') == {2}
+  for bad in ('x', '', '3-a'):
+    with pytest.raises(ValueError, match='is not a CPU list'):
+      xla_flags.parse_cpus(bad)
+  cpu = max(os.sched_getaffinity(0))
+  code = ('from scalejax.train import xla_flags; import os; '
+          'print(xla_flags.apply().get("cpus"), sorted(os.sched_getaffinity(0)))')
+  run = lambda spec: subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                                    env=dict(os.environ, SCALEJAX_CPUS=spec), timeout=120)
+  pinned = run(str(cpu))
+  assert pinned.stdout.split() == ['True', f'[{cpu}]'], pinned.stderr
+  # A bad list is one line that names the fix; the process goes on unpinned.
+  bad = run('zero')
+  assert bad.returncode == 0 and bad.stdout.startswith('None')
+  assert bad.stderr.strip().splitlines() == [
+      "scalejax: not pinned: SCALEJAX_CPUS='zero' is not a CPU list; write it as taskset -c "
+      f"does, e.g. 0 or 0-3,6 (this process may use CPUs "
+      f"{','.join(map(str, sorted(os.sched_getaffinity(0))))})"]
+
+
 def test_the_cpu_peak_is_the_median_of_its_probes(monkeypatch, tmp_path):
   """One busy second moves one probe, not the MFU: train.py and the bench divide by the
   median of the probes they took (on CPU the probe measures the whole machine)."""

@@ -200,6 +200,14 @@ def test_tiny_suite_writes_table_and_plots_and_resumes(tmp_path, capsys):
     assert not (other / 'trials' / f'{v}-adamw-cosine-s0' / 'checkpoints').exists()
 
 
+def test_parallel_trials_get_disjoint_cpus(monkeypatch):
+  monkeypatch.setattr(study.os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3}, raising=False)
+  assert study.cpu_slots(2) == [{0, 1}, {2, 3}]
+  assert study.cpu_slots(3) == [{0}, {1}, {2, 3}]
+  assert study.cpu_slots(1) == [None]  # one trial at a time: the whole machine
+  assert study.cpu_slots(8) == [None] * 8  # more trials than CPUs: no pinning
+
+
 def test_a_run_is_reused_only_when_its_command_matches_but_for_the_workdir():
   t = study.Trial('baseline', 0, 'adamw', 'cosine', 1e-3, (('seed', 0),))
   key = study.run_identity(study.train_command(TINY, '/a/trials/x', t))

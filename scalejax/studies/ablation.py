@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -263,7 +264,27 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_trial(config_path: str, workdir: str, trial: Trial, max_attempts: int = 2) -> dict:
+def cpu_slots(parallel: int) -> list[set[int] | None]:
+  """One set of CPUs per trial slot: this process's CPUs split evenly (None: no pinning).
+  A trial is pinned to its slot's CPUs through `SCALEJAX_CPUS` (`xla_flags.apply`).
+
+  Two unpinned trials on 2 cores each size XLA's thread pools to both cores and fight
+  over them (about half the throughput of one trial alone, measured); pinned to a core
+  each, two trials gave 1.39x the throughput of one on the 2-core CPU of
+  docs/RESULTS.md's full study. XLA:CPU computes the same bits with one thread or two
+  (a run's eval loss is bit-identical pinned or not), so pinning changes only speed.
+  """
+  if parallel <= 1 or not hasattr(os, 'sched_getaffinity'):
+    return [None] * max(parallel, 1)
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) < parallel:
+    return [None] * parallel
+  return [set(cpus[i * len(cpus) // parallel:(i + 1) * len(cpus) // parallel])
+          for i in range(parallel)]
+
+
+def run_trial(config_path: str, workdir: str, trial: Trial, max_attempts: int = 2,
+              cpus: set[int] | None = None) -> dict:
   """Runs one trial to completion (resuming if it was interrupted); returns its result.
 
   The result file is written last, so its presence means "finished". Attempts are
@@ -283,7 +304,9 @@ def run_trial(config_path: str, workdir: str, trial: Trial, max_attempts: int = 
       f.write(str(attempts))
     start = time.time()
     with open(os.path.join(workdir, f'log{attempts}.txt'), 'w') as log:
-      rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+      env = dict(os.environ, SCALEJAX_CPUS=','.join(map(str, sorted(cpus)))) if cpus else None
+      rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                          env=env).returncode
     wall = time.time() - start
     evals = [r for r in read_metrics(workdir) if 'eval_loss' in r]
     if rc == 0 and evals:
@@ -458,7 +481,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   common.define_list('lrs', None, 'comma list of learning rates (default: the config\'s)',
                      item=float, flag_values=fv)
-  flags.DEFINE_integer('parallel', 1, 'trials run at once', flag_values=fv)
+  flags.DEFINE_integer('parallel', 1, 'trials run at once, each pinned to its share of the '
+                       'CPUs', flag_values=fv)
   flags.DEFINE_multi_string('set', [], 'config override KEY=VALUE for every trial, repeated: '
                             '--set train.steps=300 --set train.eval_every=60', flag_values=fv)
   flags.DEFINE_list('reuse', [], 'other study folders: a trial whose training command '
@@ -510,9 +534,17 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
     print(f'{len(trials)} trials, {len(unique)} distinct runs{copied}, {len(todo)} to run',
           flush=True)
 
+    slots = queue.SimpleQueue()  # each running trial holds one slot's CPUs
+    for cpus in cpu_slots(fv.parallel):
+      slots.put(cpus)
+
     def go(item):
       d, t = item
-      r = run_trial(config_path, d, t)
+      cpus = slots.get()
+      try:
+        r = run_trial(config_path, d, t, cpus=cpus)
+      finally:
+        slots.put(cpus)
       state = 'FAILED' if r.get('failed') else f'eval_loss={r["final_eval_loss"]:.4f} ' \
                                                f'({r["wall_s"]:.0f}s)'
       print(f'{os.path.basename(d)}: {state}', flush=True)

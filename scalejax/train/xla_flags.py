@@ -11,7 +11,9 @@ Two things, both about how work is executed, never about what is computed:
   frees is kept for reuse instead of returned; the peak is unchanged.
 - **XLA flags** appended to `XLA_FLAGS` (a flag the user already set wins).
 
-`SCALEJAX_NO_TUNING=1` turns both off. Calling `apply()` after JAX has created its CPU
+`SCALEJAX_NO_TUNING=1` turns both off. `SCALEJAX_CPUS=0-3,6` (a CPU list as `taskset -c`
+takes it) pins the process to those CPUs before JAX sizes its thread pools, so trials
+run side by side do not share cores (the ablation harness's `--parallel`). Calling `apply()` after JAX has created its CPU
 client still helps the allocator partly, so it is safe but later is worse.
 """
 
@@ -54,10 +56,44 @@ def _append_xla_flags(flags) -> list[str]:
   return added
 
 
+def parse_cpus(spec: str) -> set[int]:
+  """'0-3,6' -> {0, 1, 2, 3, 6}."""
+  cpus = set()
+  try:
+    for part in filter(None, spec.replace(' ', '').split(',')):
+      lo, _, hi = part.partition('-')
+      cpus.update(range(int(lo), int(hi or lo) + 1))
+  except ValueError:
+    cpus = set()
+  if not cpus:
+    raise ValueError(f'SCALEJAX_CPUS={spec!r} is not a CPU list; write it as taskset -c '
+                     'does, e.g. 0 or 0-3,6')
+  return cpus
+
+
+def _pin() -> bool:
+  """Pins to $SCALEJAX_CPUS. A speed setting: a bad value is one line on stderr (naming
+  the fix) and the process runs unpinned rather than not at all."""
+  spec = os.environ.get('SCALEJAX_CPUS', '')
+  if not spec or not hasattr(os, 'sched_setaffinity'):
+    return False
+  try:
+    cpus = parse_cpus(spec)
+    os.sched_setaffinity(0, cpus)
+  except (ValueError, OSError) as e:
+    why = e if isinstance(e, ValueError) else f'SCALEJAX_CPUS={spec!r}: {e.strerror}'
+    allowed = ','.join(map(str, sorted(os.sched_getaffinity(0))))
+    sys.stderr.write(f'scalejax: not pinned: {why} (this process may use CPUs {allowed})\n')
+    return False
+  return True
+
+
 def apply() -> dict[str, bool]:
   """Tunes this process once; returns what was applied (for logs and benchmarks)."""
   if _applied:
     return dict(_applied)
+  if _pin():  # asked for by name, so not undone by SCALEJAX_NO_TUNING
+    _applied['cpus'] = True
   if os.environ.get('SCALEJAX_NO_TUNING', '') not in ('', '0'):
     _applied.update(malloc=False, xla_flags=False)
     return dict(_applied)
