@@ -227,8 +227,9 @@ def _sweep_summary(out, losses):
 
 
 @pytest.mark.parametrize('losses, message', [
-    ({5e-4: 1.9, 1e-3: 1.8, 2e-3: 1.7, 4e-3: 1.75}, 'has no result at lr [0.008]'),
-    ({5e-4: 1.9, 1e-3: 1.8, 2e-3: 1.7, 4e-3: 1.65, 8e-3: 1.6}, 'at the edge of the grid'),
+    ({2.5e-4: 2.0, 5e-4: 1.9, 1e-3: 1.8, 2e-3: 1.7, 4e-3: 1.75}, 'has no result at lr [0.008]'),
+    ({2.5e-4: 2.0, 5e-4: 1.9, 1e-3: 1.8, 2e-3: 1.7, 4e-3: 1.65, 8e-3: 1.6},
+     'at the edge of the grid'),
 ])
 def test_the_full_study_refuses_a_best_lr_it_cannot_trust(tmp_path, losses, message):
   """Every stage after the sweep reads the winners; a missing cell or a winner at the
