@@ -154,6 +154,13 @@ def test_runs_on_one_machine_share_their_probes(monkeypatch, tmp_path):
   small.key = 'another CPU'
   small.add(1e9)
   assert small.read() == [1e9] and len(metrics.ProbeRecord(path).read()) == 5
+  # A run pinned to fewer CPUs probes a slower machine: its key is its own.
+  if hasattr(os, 'sched_getaffinity'):
+    allowed = os.sched_getaffinity(0)
+    assert f'| {len(allowed)} cores |' in metrics.ProbeRecord(path).key
+    monkeypatch.setattr(metrics.os, 'sched_getaffinity', lambda pid: {min(allowed)})
+    assert '| 1 cores |' in metrics.ProbeRecord(path).key
+    monkeypatch.setattr(metrics.os, 'sched_getaffinity', lambda pid: allowed)
   # A cache that cannot be written (or a corrupt file) leaves a run its own probes.
   (tmp_path / 'bad.json').write_text('{not json')
   assert metrics.ProbeRecord(str(tmp_path / 'bad.json')).read() == []

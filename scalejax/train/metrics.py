@@ -50,8 +50,8 @@ class ProbeRecord:
   """The last `keep` CPU matmul probes that scalejax processes took on this machine.
 
   A JSON file in the user's cache (`$SCALEJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/scalejax`
-  or `~/.cache/scalejax`), keyed by what the probe's speed depends on: CPU model, core
-  count, JAX version and XLA flags. `train.py` and the bench both read and extend it, so
+  or `~/.cache/scalejax`), keyed by what the probe's speed depends on: CPU model, the
+  number of CPUs the process may use, JAX version and XLA flags. `train.py` and the bench both read and extend it, so
   their MFU divides by one figure: the same step time gives the same MFU in either, even
   when one of them probed in a busy second. A cache that cannot be written leaves each
   process with its own probes.
@@ -62,7 +62,10 @@ class ProbeRecord:
         os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'scalejax')
     self.path = path or os.path.join(root, 'cpu_probe.json')
     self.keep = keep
-    self.key = ' | '.join([cpu_model(), f'{os.cpu_count()} cores', f'jax {jax.__version__}',
+    # The CPUs this process may use, not the machine's: a run pinned to one core
+    # (SCALEJAX_CPUS) probes one core's speed and keeps a record of its own.
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    self.key = ' | '.join([cpu_model(), f'{usable} cores', f'jax {jax.__version__}',
                            os.environ.get('XLA_FLAGS', '')])
 
   def _load(self) -> dict:
@@ -107,7 +110,7 @@ class Peak:
     self._probe = matmul_probe() if device.platform == 'cpu' else None
     if self._probe is None:
       kind = device.device_kind.lower()
-      self._fixed, self.source = next(
+      self._fixed, self._source = next(
           ((peak, f'{device.device_kind} bf16 dense peak') for key, peak in PEAK_FLOPS
            if key in kind), (float('nan'), f'unknown device {device.device_kind}'))
       self.earlier: list[float] = []
@@ -119,14 +122,11 @@ class Peak:
 
   @property
   def source(self) -> str:
+    """Where the figure comes from (on CPU: how many probes it is the median of)."""
     if self._probe is None:
       return self._source
     return (f'cpu float32 matmul probe, median of {len(self.samples)} probes of this run and '
             f'{len(self.earlier)} earlier ones on this machine')
-
-  @source.setter
-  def source(self, text: str) -> None:
-    self._source = text
 
   def sample(self) -> None:
     """One more probe (CPU only; a no-op elsewhere)."""
