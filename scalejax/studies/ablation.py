@@ -10,8 +10,11 @@ finished trials are not rerun, an unfinished one resumes from its newest checkpo
 a crashed trial is retried once (then reported as failed). Trials whose resolved configs
 are identical are run once and shared: e.g. `decay_none` and `baseline` (whose default
 scale decay is already 'none'), or `decay_iwd` and `decay_all` on a plain Pre-Norm
-model, whose scales are all Input-Norms. After the runs, OUT/results.md,
-OUT/summary.json and OUT/*.png hold the aggregate:
+model, whose scales are all Input-Norms. `--reuse DIR,...` copies a trial that another
+study already ran with the same training command (e.g. seed 0 of an LR sweep's winner)
+instead of rerunning it. `--parallel N` runs N trials at once, each pinned to its own
+share of the CPUs. After the runs, OUT/results.md, OUT/summary.json and OUT/*.png hold
+the aggregate:
 
   * per variant: mean and sample std (ddof=1) over seeds of the final eval loss;
   * the paired difference to `baseline` of the same (optimizer, schedule, lr, placement)
@@ -32,6 +35,7 @@ import json
 import math
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import time
@@ -251,7 +255,6 @@ def finished_runs(study_dirs) -> dict[str, str]:
 
 def reuse_trial(source: str, workdir: str) -> None:
   """Copies a finished trial (not its checkpoints: the run is over) into this study."""
-  import shutil
   shutil.copytree(source, workdir, ignore=shutil.ignore_patterns('checkpoints'),
                   dirs_exist_ok=True)
 

@@ -51,10 +51,10 @@ class ProbeRecord:
 
   A JSON file in the user's cache (`$SCALEJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/scalejax`
   or `~/.cache/scalejax`), keyed by what the probe's speed depends on: CPU model, the
-  number of CPUs the process may use, JAX version and XLA flags. `train.py` and the bench both read and extend it, so
-  their MFU divides by one figure: the same step time gives the same MFU in either, even
-  when one of them probed in a busy second. A cache that cannot be written leaves each
-  process with its own probes.
+  number of CPUs the process may use, JAX version and XLA flags. `train.py` and the
+  bench both read and extend it, so their MFU divides by one figure: the same step time
+  gives the same MFU in either, even when one of them probed in a busy second. A cache
+  that cannot be written leaves each process with its own probes.
   """
 
   def __init__(self, path: str | None = None, keep: int = 64):

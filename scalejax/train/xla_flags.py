@@ -13,8 +13,9 @@ Two things, both about how work is executed, never about what is computed:
 
 `SCALEJAX_NO_TUNING=1` turns both off. `SCALEJAX_CPUS=0-3,6` (a CPU list as `taskset -c`
 takes it) pins the process to those CPUs before JAX sizes its thread pools, so trials
-run side by side do not share cores (the ablation harness's `--parallel`). Calling `apply()` after JAX has created its CPU
-client still helps the allocator partly, so it is safe but later is worse.
+run side by side do not share cores (the ablation harness's `--parallel`). Calling
+`apply()` after JAX has created its CPU client still helps the allocator partly, so it
+is safe but later is worse.
 """
 
 from __future__ import annotations
