@@ -142,6 +142,12 @@ def test_claims_compare_across_folders_pair_by_seed_and_correct_for_the_family(s
   assert (study / 'claims.png').read_bytes()[:4] == b'\x89PNG'
   saved = json.loads((study / 'claims.json').read_text())
   assert saved['claims'][0]['verdict'] == 'supports'
+  # Power from the rows with the design's 5 seeds (the 4-seed retuned row is left out).
+  full = [r for r in rows if r['n'] == 5 and r['corpus'] == 'shakespeare_char']
+  power = rep['power']['shakespeare_char']
+  assert power['n'] == 5 and power['rows'] == len(full) == 5
+  assert power['sd_diff'] == pytest.approx(np.median([r['sd'] for r in full]))
+  assert power['detectable'] == pytest.approx(claims.detectable_effect(power['sd_diff'], 5))
   assert 'shakespeare_char' in saved['power'] and saved['plots'] == ['claims.png', 'batch_trend.png']
 
 
