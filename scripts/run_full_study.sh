@@ -34,7 +34,8 @@ SCALE_DECAYS=${SCALE_DECAYS:-0.1 0.3 1.0}
 BATCH_SEEDS=${BATCH_SEEDS:-0,1,2}
 SHAKESPEARE=configs/shakespeare_char.py
 COMMON=(--suite full --set train.sample_tokens=0 --set checkpoint.every=500 --parallel "$PARALLEL")
-PRE=baseline,no_scale,hg,dp,dnp,magdir,magdir_unit,unified,unified_nohg,unified_frozen
+# Most-asked first: trials run in this order, so a stopped study has these cells first
+PRE=baseline,no_scale,unified,dnp,hg,dp,magdir,magdir_unit,unified_nohg,unified_frozen
 
 # A run another stage already finished (same command but for its folder, e.g. seed 0 of
 # the sweep's winner) is copied, not trained again.
