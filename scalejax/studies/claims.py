@@ -184,11 +184,13 @@ class Study:
 
   def decay_budget(self, cell: Cell) -> float | None:
     """prod_t(1 − lr_t · wd) of the decayed scales of the cell's first trial."""
+    from scalejax.core import roles
     from scalejax.train import optim
     for path in sorted(glob.glob(os.path.join(self.out, cell.stage, 'trials', '*', 'config.json'))):
       cfg = json.load(open(path))
       opt = ml_collections.ConfigDict(cfg['optimizer'])
-      rate = opt.scale_decay if opt.scale_decay >= 0 else opt.weight_decay
+      # the rate a policy gives the scales it decays: the optimizer's own rule
+      rate = optim.role_rates(opt, 'all')[roles.INPUT_SCALE]
       return optim.decay_budget(opt, cfg['train']['steps'], rate * opt.scale_lr_mult)
     return None
 
