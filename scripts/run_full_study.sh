@@ -18,11 +18,17 @@
 #             warmup kept at the same number of tokens
 # After the stages, `python -m scalejax.studies.claims --out OUT` writes the claims table.
 # Every stage needs the sweep's winners: it reads them from OUT/sweep_<corpus>/summary.json
-# and refuses to go on if a winner sits at the edge of the grid (widen $LRS and rerun).
+# (or the published one, below) and refuses to go on if a winner sits at the edge of the
+# grid (widen $LRS and rerun).
+# The trial folders under OUT are not committed; what is, $PUBLISHED/<stage folder>/
+# (results.md, summary.json, plots), is enough to go on: each study restores the trials
+# that its published summary lists instead of training them again (--restore), and
+# after each study its results are copied there, to commit. A study on a fresh machine
+# thus resumes where the committed results stopped.
 # Env: PARALLEL (2: two trials at once, each pinned to half the CPUs; on a 2-core CPU
 # that gave 1.39x the throughput of one trial on both cores), SEEDS (0,1,2,3,4),
 # LRS (2.5e-4,5e-4,1e-3,2e-3,4e-3,8e-3: at 5e-4 unified's best sat at the lower edge),
-# SCALE_DECAYS (0.1 0.3 1.0), BATCH_SEEDS (0,1,2).
+# SCALE_DECAYS (0.1 0.3 1.0), BATCH_SEEDS (0,1,2), PUBLISHED (docs/results/full).
 set -euo pipefail
 OUT=${1:-runs/full}
 shift || true
@@ -32,23 +38,41 @@ SEEDS=${SEEDS:-0,1,2,3,4}
 LRS=${LRS:-2.5e-4,5e-4,1e-3,2e-3,4e-3,8e-3}
 SCALE_DECAYS=${SCALE_DECAYS:-0.1 0.3 1.0}
 BATCH_SEEDS=${BATCH_SEEDS:-0,1,2}
+PUBLISHED=${PUBLISHED:-docs/results/full}
 SHAKESPEARE=configs/shakespeare_char.py
 COMMON=(--suite full --set train.sample_tokens=0 --set checkpoint.every=500 --parallel "$PARALLEL")
 # Most-asked first: trials run in this order, so a stopped study has these cells first
 PRE=baseline,no_scale,unified,dnp,hg,dp,magdir,magdir_unit,unified_nohg,unified_frozen
 
-# A run another stage already finished (same command but for its folder, e.g. seed 0 of
-# the sweep's winner) is copied, not trained again.
+# study NAME ARGS...: one study in OUT/NAME. A run another stage already finished (same
+# command but for its folder, e.g. seed 0 of the sweep's winner) is copied, and one its
+# published copy lists is restored: neither is trained again.
 study() {
-  python -m scalejax.studies.ablation "${COMMON[@]}" \
-    --reuse "$(find "$OUT" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | sort | paste -sd, -)" "$@"
+  local name=$1 restore=()
+  shift
+  if [[ -d $PUBLISHED/$name ]]; then
+    restore=(--restore "$PUBLISHED/$name")
+  fi
+  python -m scalejax.studies.ablation "${COMMON[@]}" --out "$OUT/$name" \
+    --reuse "$(find "$OUT" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | sort | paste -sd, -)" \
+    "${restore[@]}" "$@"
+  mkdir -p "$PUBLISHED/$name"
+  if [[ ! "$OUT/$name" -ef "$PUBLISHED/$name" ]]; then
+    cp "$OUT/$name/results.md" "$OUT/$name/summary.json" "$PUBLISHED/$name/"
+    find "$OUT/$name" -maxdepth 1 -name '*.png' -exec cp {} "$PUBLISHED/$name/" \;
+  fi
 }
 
 # best VARIANT CORPUS: the LR with the lowest final eval loss in that corpus's sweep
+# (this machine's, else the published one)
 best() {
-  python - "$OUT/sweep_$2/summary.json" "$1" "$LRS" <<'PY'
-import json, sys
+  local path=$OUT/sweep_$2/summary.json
+  [[ -f $path ]] || path=$PUBLISHED/sweep_$2/summary.json
+  python - "$path" "$1" "$LRS" <<'PY'
+import json, os, sys
 path, variant, grid = sys.argv[1], sys.argv[2], [float(x) for x in sys.argv[3].split(',')]
+if not os.path.exists(path):
+  sys.exit(f'{path}: no such file: run the sweep stage first')
 summary = json.load(open(path))['summary']
 losses = {float(g.split('-lr')[1].split('@')[0]): r[variant]['mean']
           for g, r in summary.items() if variant in r}
@@ -68,10 +92,10 @@ PY
 pre_norm_suite() {
   local lr own v
   lr=$(best baseline "$1")
-  study --config "configs/$1.py" --out "$OUT/pre_$1" --variants $PRE --seeds "$SEEDS" --lrs "$lr"
+  study "pre_$1" --config "configs/$1.py" --variants $PRE --seeds "$SEEDS" --lrs "$lr"
   for v in no_scale unified; do
     own=$(best $v "$1")
-    study --config "configs/$1.py" --out "$OUT/retuned_${v}_$1" --variants baseline,$v \
+    study "retuned_${v}_$1" --config "configs/$1.py" --variants baseline,$v \
       --seeds "$SEEDS" --lrs "$own"
   done
 }
@@ -81,31 +105,31 @@ for stage in $STAGES; do
   case $stage in
     sweep)
       for c in shakespeare_char study_stdlib; do
-        study --config configs/$c.py --out "$OUT/sweep_$c" --variants baseline,no_scale,unified \
+        study "sweep_$c" --config configs/$c.py --variants baseline,no_scale,unified \
           --seeds 0 --lrs "$LRS"
       done ;;
     pre) pre_norm_suite shakespeare_char ;;
     sandwich)
       lr=$(best baseline shakespeare_char)
       for wd in $SCALE_DECAYS; do
-        study --config $SHAKESPEARE --out "$OUT/sandwich_wd$wd" --set optimizer.scale_decay=$wd \
+        study "sandwich_wd$wd" --config $SHAKESPEARE --set optimizer.scale_decay="$wd" \
           --variants baseline@sandwich,decay_all@sandwich,decay_iwd@sandwich --seeds "$SEEDS" --lrs "$lr"
       done ;;
     qk)
       lr=$(best baseline shakespeare_char)
-      study --config $SHAKESPEARE --out "$OUT/qk_shakespeare_char" \
+      study qk_shakespeare_char --config $SHAKESPEARE \
         --variants baseline@qk,dnp@qk,unified@qk,dnp,dnp_no_qk --seeds "$SEEDS" --lrs "$lr" ;;
     stdlib) pre_norm_suite study_stdlib ;;
     post)
       lr=$(best baseline shakespeare_char)
-      study --config $SHAKESPEARE --out "$OUT/post_shakespeare_char" --seeds "$SEEDS" --lrs "$lr" \
+      study post_shakespeare_char --config $SHAKESPEARE --seeds "$SEEDS" --lrs "$lr" \
         --variants baseline@post,no_scale@post,decay_all@post,decay_iwd@post,unified_nohg@post ;;
     batch)
       lr=$(best baseline shakespeare_char)
       for b in 12 48 192; do
         steps=$((2000 * 12 / b)); warm=$((100 * 12 / b))
         blr=$(python -c "print(f'{$lr * ($b / 12) ** 0.5:g}')")
-        study --config $SHAKESPEARE --out "$OUT/batch$b" --variants baseline,no_scale,unified \
+        study "batch$b" --config $SHAKESPEARE --variants baseline,no_scale,unified \
           --seeds "$BATCH_SEEDS" --lrs "$blr" --set train.batch_size=$b --set train.steps=$steps \
           --set optimizer.warmup_steps=$warm --set train.eval_every=$((steps / 8))
       done ;;

@@ -3,7 +3,11 @@
 import json
 import math
 import os
+import random
+import shutil
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -239,3 +243,192 @@ def test_the_full_study_refuses_a_best_lr_it_cannot_trust(tmp_path, losses, mess
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr
   assert not (tmp_path / 'pre_shakespeare_char').exists()
+
+
+# --- publishing and restoring a study ------------------------------------------------
+
+def _fake_training(monkeypatch):
+  """Trials without training: `run_trial` runs this instead of `train.py`. It writes the
+  records a 4-step run would, with losses drawn from the run's identity (the same command
+  gives the same curve), in milliseconds. Returns the commands it ran."""
+  ran = []
+
+  def run(cmd, stdout=None, stderr=None, cwd=None, env=None):
+    workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith('--workdir='))
+    rng = random.Random(study.run_identity(cmd))
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      for step in (2, 4):
+        f.write(json.dumps({'step': step, 'tokens_per_sec': 1000 + rng.random()}) + '\n')
+        f.write(json.dumps({'step': step, 'eval_loss': 3 - step / 10 + rng.random() / 10}) + '\n')
+    ran.append(cmd)
+    return subprocess.CompletedProcess(cmd, 0)
+
+  monkeypatch.setattr(study, 'subprocess',
+                      types.SimpleNamespace(run=run, STDOUT=subprocess.STDOUT))
+  return ran
+
+
+STUDY = ['--config', TINY, '--suite', 'tiny', '--lrs', '1e-3', '--set', 'train.steps=4']
+GROUP = 'adamw-cosine-lr0.001'
+
+
+def _publish(out, published):
+  """What scripts/run_full_study.sh commits of a study: no trial folders."""
+  published.mkdir(parents=True)
+  for p in out.iterdir():
+    if p.is_file():
+      shutil.copy(p, published)
+  return published
+
+
+def _evals(folder):
+  return [json.loads(l) for l in (folder / 'metrics.jsonl').read_text().splitlines()
+          if 'eval_loss' in l]
+
+
+def test_a_published_study_restores_into_an_empty_folder(tmp_path, monkeypatch, capsys):
+  ran = _fake_training(monkeypatch)
+  rep = _main([*STUDY, '--seeds', '0,1,2', '--out', str(tmp_path / 'a')])
+  assert len(ran) == 6 and rep['failed'] == []
+  pub = _publish(tmp_path / 'a', tmp_path / 'pub' / 'a')
+  doc = json.loads((pub / 'summary.json').read_text())
+  assert doc['plots'] == [f'curves_{GROUP}.png', f'diffs_{GROUP}.png']
+  entry = doc['trials'][f'no_scale-{GROUP}-s1']
+  assert (entry['group'], entry['variant'], entry['seed']) == (GROUP, 'no_scale', 1)
+  # The command as any checkout runs it: no interpreter path, workdir or machine path.
+  cmd = entry['result']['command']
+  assert cmd.startswith('python -m scalejax.cli.train --config=configs/tiny.py --config.')
+  assert '--workdir' not in cmd and str(ROOT) not in cmd and '--config.seed=1' in cmd
+  assert entry['curve'] == {str(e['step']): e['eval_loss'] for e in
+                            _evals(tmp_path / 'a' / 'trials' / f'no_scale-{GROUP}-s1')}
+
+  # Restored into an empty folder (another machine): nothing trained, the same table.
+  ran.clear()
+  capsys.readouterr()
+  again = _main([*STUDY, '--seeds', '0,1,2', '--out', str(tmp_path / 'b'), '--restore', str(pub)])
+  assert ran == []
+  assert '6 trials, 6 distinct runs, 6 restored from --restore, 0 to run' in capsys.readouterr().out
+  assert again['summary'] == rep['summary'] and again['table'] == rep['table']
+  trial = tmp_path / 'b' / 'trials' / f'no_scale-{GROUP}-s1'
+  result = json.loads((trial / 'result.json').read_text())
+  assert result['restored_from'] == os.path.relpath(pub / 'summary.json', ROOT)
+  assert result['final_step'] == 4 and f'--workdir={trial}' in result['command']
+  assert _evals(trial) == _evals(tmp_path / 'a' / 'trials' / f'no_scale-{GROUP}-s1')
+
+
+def test_an_older_summary_restores_the_final_loss_of_each_seed(tmp_path, monkeypatch, capsys):
+  """Summaries published before "trials" existed hold the final loss per (group,
+  variant, seed) only: that is restored, without a curve; the curves plot draws the
+  seeds that have one."""
+  ran = _fake_training(monkeypatch)
+  rep = _main([*STUDY, '--seeds', '0,1', '--out', str(tmp_path / 'a')])
+  old = tmp_path / 'old'
+  old.mkdir()
+  (old / 'summary.json').write_text(json.dumps({'summary': rep['summary'], 'failed': []}))
+  ran.clear()
+  drawn = []
+  import matplotlib.axes
+  plot = matplotlib.axes.Axes.plot
+  monkeypatch.setattr(matplotlib.axes.Axes, 'plot', lambda ax, x, y, **kw: (
+      drawn.append((kw['label'], list(x))), plot(ax, x, y, **kw))[1])
+  capsys.readouterr()
+  again = _main([*STUDY, '--seeds', '0,1,2', '--out', str(tmp_path / 'b'), '--restore', str(old)])
+  assert '6 trials, 6 distinct runs, 4 restored from --restore, 2 to run' in capsys.readouterr().out
+  assert sorted(a for cmd in ran for a in cmd if a.startswith('--config.seed=')) == [
+      '--config.seed=2'] * 2
+  for v, row in again['summary'][GROUP].items():
+    assert row['n'] == 3
+    assert {s: row['losses'][s] for s in (0, 1)} == rep['summary'][GROUP][v]['losses']
+  trial = tmp_path / 'b' / 'trials' / f'baseline-{GROUP}-s0'
+  result = json.loads((trial / 'result.json').read_text())
+  assert result['final_step'] is None and result['restored_from'].endswith('old/summary.json')
+  assert _evals(trial) == []
+  assert drawn == [('baseline', [2, 4]), ('no_scale', [2, 4])]  # seed 2's curve, not blank
+  # Republished, the restored seeds keep their final loss (and still have no curve).
+  doc = json.loads((tmp_path / 'b' / 'summary.json').read_text())
+  assert doc['trials'][f'baseline-{GROUP}-s0']['curve'] == {}
+  assert doc['trials'][f'baseline-{GROUP}-s0']['result']['final_eval_loss'] == \
+      rep['summary'][GROUP]['baseline']['losses'][0]
+
+
+@pytest.mark.parametrize('change', [['--lrs', '2e-3'], ['--set', 'train.eval_every=2']])
+def test_a_different_run_is_not_restored(tmp_path, monkeypatch, capsys, change):
+  ran = _fake_training(monkeypatch)
+  _main([*STUDY, '--seeds', '0', '--out', str(tmp_path / 'a')])
+  pub = _publish(tmp_path / 'a', tmp_path / 'pub')
+  old = tmp_path / 'old'
+  old.mkdir()
+  doc = json.loads((pub / 'summary.json').read_text())
+  (old / 'summary.json').write_text(json.dumps({'summary': doc['summary']}))
+  ran.clear()
+  capsys.readouterr()
+  # Another LR is another group, in either format; another override keeps the group's
+  # name, which is all an older summary records: only the new format tells them apart.
+  restore = f'{pub},{old}' if change[0] == '--lrs' else str(pub)
+  _main([*STUDY, *change, '--seeds', '0', '--out', str(tmp_path / 'b'), '--restore', restore])
+  assert '2 trials, 2 distinct runs, 0 restored from --restore, 2 to run' in capsys.readouterr().out
+  assert len(ran) == 2
+
+
+def test_a_bad_restore_folder_is_one_error_line(tmp_path):
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  (bad / 'summary.json').write_text('{"summary": ')
+  with pytest.raises(ValueError, match='not valid JSON') as e:
+    _main([*STUDY, '--out', str(tmp_path / 'o'), '--restore', str(bad)])
+  assert str(bad / 'summary.json') in common.message(e.value)
+  missing = tmp_path / 'nowhere'
+  proc = subprocess.run([sys.executable, '-m', 'scalejax.studies.ablation', *STUDY, '--out',
+                         str(tmp_path / 'o'), '--restore', str(missing)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+      f'scalejax.studies.ablation: error: --restore {missing}: no such folder'], proc.stderr
+  assert not (tmp_path / 'o' / 'trials').exists()
+
+
+def test_the_full_study_resumes_from_and_publishes_to_published(tmp_path):
+  """Each study restores from PUBLISHED/<its folder> when that exists and copies its
+  results there; the sweep's winners come from the published sweep when this machine
+  has none. `python` is faked: studies are logged, anything else runs."""
+  pub, out, log = tmp_path / 'pub', tmp_path / 'out', tmp_path / 'log'
+  sweep = {f'adamw-cosine-lr{lr:g}': {v: {'n': 1, 'mean': 1.0 + abs(lr - 1e-3)}
+                                      for v in ('baseline', 'no_scale', 'unified')}
+           for lr in (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)}
+  (pub / 'sweep_shakespeare_char').mkdir(parents=True)
+  (pub / 'sweep_shakespeare_char' / 'summary.json').write_text(json.dumps({'summary': sweep}))
+  (pub / 'pre_shakespeare_char').mkdir()
+  (pub / 'pre_shakespeare_char' / 'summary.json').write_text('{"summary": {}}')
+  fake = tmp_path / 'bin' / 'python'
+  fake.parent.mkdir()
+  fake.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -m && $2 == scalejax.studies.* ]]; then
+  echo "$*" >> {log}
+  prev=
+  for a in "$@"; do
+    if [[ $2 == *.ablation && $prev == --out ]]; then
+      mkdir -p "$a" && echo '{{"summary": {{}}, "new": 1}}' > "$a/summary.json"
+      echo table > "$a/results.md" && echo png > "$a/curves_g.png"
+    fi
+    prev=$a
+  done
+  exit 0
+fi
+exec {sys.executable} "$@"
+""")
+  fake.chmod(0o755)
+  proc = subprocess.run(['bash', 'scripts/run_full_study.sh', str(out), 'pre'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, PATH=f'{fake.parent}:{os.environ["PATH"]}',
+                                 PUBLISHED=str(pub)))
+  assert proc.returncode == 0, proc.stderr
+  pre, no_scale, unified, claims = log.read_text().splitlines()
+  assert f'--out {out}/pre_shakespeare_char' in pre and '--lrs 0.001' in pre
+  assert f'--restore {pub}/pre_shakespeare_char' in pre
+  assert f'--out {out}/retuned_no_scale_shakespeare_char' in no_scale
+  assert '--restore' not in no_scale and 'scalejax.studies.claims' in claims
+  for name in ('pre_shakespeare_char', 'retuned_no_scale_shakespeare_char',
+               'retuned_unified_shakespeare_char'):
+    assert sorted(p.name for p in (pub / name).iterdir()) == [
+        'curves_g.png', 'results.md', 'summary.json']
+    assert json.loads((pub / name / 'summary.json').read_text())['new'] == 1

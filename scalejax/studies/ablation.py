@@ -12,9 +12,12 @@ are identical are run once and shared: e.g. `decay_none` and `baseline` (whose d
 scale decay is already 'none'), or `decay_iwd` and `decay_all` on a plain Pre-Norm
 model, whose scales are all Input-Norms. `--reuse DIR,...` copies a trial that another
 study already ran with the same training command (e.g. seed 0 of an LR sweep's winner)
-instead of rerunning it. `--parallel N` runs N trials at once, each pinned to its own
-share of the CPUs. After the runs, OUT/results.md, OUT/summary.json and OUT/*.png hold
-the aggregate:
+instead of rerunning it. `--restore DIR,...` rebuilds a trial from a published copy of
+a study (a folder holding its summary.json, e.g. under docs/results/) instead of
+training it: the trial folders are not committed, so a study continued on another
+machine starts from what was published. `--parallel N` runs N trials at once, each
+pinned to its own share of the CPUs. After the runs, OUT/results.md, OUT/summary.json
+and OUT/*.png hold the aggregate:
 
   * per variant: mean and sample std (ddof=1) over seeds of the final eval loss;
   * the paired difference to `baseline` of the same (optimizer, schedule, lr, placement)
@@ -22,6 +25,9 @@ the aggregate:
     init), with its 95% confidence interval from Student's t on n-1 degrees of freedom;
     a difference is marked as beyond seed noise when that interval excludes 0
     (a two-sided paired t-test at 5%).
+
+summary.json also lists every finished trial under "trials" (its result, with the
+training command as any checkout runs it, and its eval curve): enough to restore it.
 """
 
 from __future__ import annotations
@@ -234,9 +240,24 @@ def train_command(config_path: str, workdir: str, trial: Trial) -> list[str]:
   return cmd
 
 
+def portable_command(command: list[str]) -> list[str]:
+  """The training command as any checkout runs it: no interpreter, no workdir, and the
+  config file relative to the repository."""
+  args = []
+  for a in command[1:]:
+    if a.startswith('--workdir='):
+      continue
+    path = a.removeprefix('--config=')
+    if path != a and os.path.isabs(path):
+      a = f'--config={os.path.relpath(path, ROOT)}'
+    args.append(a)
+  return args
+
+
 def run_identity(command: list[str]) -> str:
-  """What makes two runs the same: the training command without interpreter and workdir."""
-  return ' '.join(a for a in command[1:] if not a.startswith('--workdir='))
+  """What makes two runs the same: the training command without interpreter and workdir
+  (the same on every machine)."""
+  return ' '.join(portable_command(command))
 
 
 def finished_runs(study_dirs) -> dict[str, str]:
@@ -257,6 +278,62 @@ def reuse_trial(source: str, workdir: str) -> None:
   """Copies a finished trial (not its checkpoints: the run is over) into this study."""
   shutil.copytree(source, workdir, ignore=shutil.ignore_patterns('checkpoints'),
                   dirs_exist_ok=True)
+
+
+def load_published(folders) -> list[tuple[str, dict]]:
+  """(path, content) of the summary.json in each folder; a missing or unreadable one is
+  the user's error."""
+  out = []
+  for folder in folders:
+    path = os.path.join(folder, 'summary.json')
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f'--restore {folder}: no such folder')
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'--restore {folder}: no summary.json in it')
+    try:
+      with open(path) as f:
+        doc = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'--restore {path}: not valid JSON ({e})') from None
+    if not isinstance(doc, dict) or 'summary' not in doc:
+      raise ValueError(f'--restore {path}: not the summary.json of a study')
+    out.append((os.path.abspath(path), doc))
+  return out
+
+
+def find_published(published, trial: Trial, command: list[str]):
+  """(summary path, result, eval curve) of the trial in a published summary, or None.
+
+  A summary with "trials" matches by run identity, so a different LR, config or
+  override never matches. An older one holds only the final loss per (group, variant,
+  seed): it matches by those (the overrides shared by the whole study are not recorded
+  there) and restores the final loss alone.
+  """
+  key = run_identity(command)
+  for path, doc in published:
+    if 'trials' in doc:
+      for entry in doc['trials'].values():
+        if run_identity(entry['result']['command'].split(' ')) == key:
+          return path, entry['result'], entry['curve']
+    else:
+      losses = doc['summary'].get(trial.group, {}).get(trial.variant, {}).get('losses', {})
+      if str(trial.seed) in losses:
+        return path, {'final_eval_loss': losses[str(trial.seed)], 'final_step': None}, {}
+  return None
+
+
+def restore_trial(workdir: str, command: list[str], source: str, result: dict,
+                  curve: dict) -> None:
+  """Rebuilds a finished trial from its published record: its eval records and result
+  (written last: its presence means finished), with the command this checkout runs."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:  # replaces a partial run's
+    for step, loss in sorted((int(s), l) for s, l in curve.items()):
+      f.write(json.dumps({'step': step, 'eval_loss': loss}) + '\n')
+  result = {**result, 'command': ' '.join(command),
+            'restored_from': os.path.relpath(source, ROOT)}
+  with open(os.path.join(workdir, 'result.json'), 'w') as f:
+    json.dump(result, f, indent=1)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -393,8 +470,12 @@ def plot(summary: dict, curves: dict, out: str) -> list[str]:
       by_seed = curves.get(group, {}).get(variant, {})
       if not by_seed:
         continue
-      steps = sorted(set.intersection(*(set(c) for c in by_seed.values())))
-      mean = [np.mean([c[s] for c in by_seed.values()]) for s in steps]
+      # the seeds that have a curve (one restored from an older summary has none)
+      seeds = [c for c in by_seed.values() if c]
+      if not seeds:
+        continue
+      steps = sorted(set.intersection(*(set(c) for c in seeds)))
+      mean = [np.mean([c[s] for c in seeds]) for s in steps]
       ax.plot(steps, mean, marker='.', label=variant,
               linestyle='--' if '@' in variant else '-')
     ax.set(xlabel='step', ylabel='eval loss (mean over seeds)', title=f'eval loss: {group}')
@@ -442,8 +523,28 @@ def collect(trials, dirs: dict, out: str):
       r = json.load(f)
     results.setdefault(t.group, {}).setdefault(t.variant, {})[t.seed] = r
     curve = {m['step']: m['eval_loss'] for m in read_metrics(wd) if 'eval_loss' in m}
-    curves.setdefault(t.group, {}).setdefault(t.variant, {})[t.seed] = curve
+    if curve:  # a trial restored from an older summary has its final loss only
+      curves.setdefault(t.group, {}).setdefault(t.variant, {})[t.seed] = curve
   return results, curves, failed
+
+
+def published_trials(trials, dirs: dict) -> dict:
+  """{run folder: its trial, result and eval curve} of every finished trial, with the
+  command as any checkout runs it: what `--restore` needs to rebuild the folder."""
+  out = {}
+  for t in trials:
+    wd = dirs[t]
+    name = os.path.basename(wd)
+    path = os.path.join(wd, 'result.json')
+    if name in out or not os.path.exists(path):  # a shared run is listed once
+      continue
+    with open(path) as f:
+      r = json.load(f)
+    r['command'] = ' '.join(['python', *portable_command(r['command'].split(' '))])
+    curve = {m['step']: m['eval_loss'] for m in read_metrics(wd) if 'eval_loss' in m}
+    out[name] = {'group': t.group, 'variant': t.variant, 'seed': t.seed, 'result': r,
+                 'curve': curve}
+  return out
 
 
 def report(trials, dirs, out: str, header: str = '') -> dict:
@@ -460,8 +561,10 @@ def report(trials, dirs, out: str, header: str = '') -> dict:
   with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write('\n\n'.join([header, *notes, table]) if header else '\n\n'.join([*notes, table]))
   with open(os.path.join(out, 'summary.json'), 'w') as f:
-    json.dump({'summary': summary, 'failed': failed, 'plots': pngs}, f, indent=1,
-              default=str)
+    # no machine paths: this file is published (docs/results/) and restored from
+    json.dump({'summary': summary, 'failed': failed,
+               'plots': [os.path.basename(p) for p in pngs],
+               'trials': published_trials(trials, dirs)}, f, indent=1, default=str)
   return {'summary': summary, 'table': table, 'plots': pngs, 'failed': failed}
 
 
@@ -491,6 +594,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_list('reuse', [], 'other study folders: a trial whose training command '
                     '(but for its workdir) ran to the end there is copied, not rerun',
                     flag_values=fv)
+  flags.DEFINE_list('restore', [], 'published copies of studies (folders holding a '
+                    'summary.json, e.g. docs/results/full/pre_shakespeare_char): a trial they '
+                    'list is rebuilt from them, not trained', flag_values=fv)
   flags.DEFINE_bool('aggregate_only', False, 'only rebuild the report', flag_values=fv)
   flags.mark_flags_as_required(['config', 'out'], flag_values=fv)
 
@@ -512,6 +618,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   config_path = os.path.abspath(fv.config)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'--config {fv.config}: no such config file')
+  published = load_published(fv.restore)  # before any trial: a bad folder stops here
   trials = make_trials(suite, variants, fv.seeds, fv.optimizers, fv.schedules,
                        fv.lrs or [None], parse_sets(fv.set))
   base_cfg = load_config(config_path)
@@ -527,14 +634,22 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   os.makedirs(out, exist_ok=True)
   if not fv.aggregate_only:
     todo = [(d, t) for d, t in unique.items() if not os.path.exists(os.path.join(d, 'result.json'))]
+    restored = 0
+    for d, t in todo:
+      cmd = train_command(config_path, d, t)
+      if found := find_published(published, t, cmd):
+        restore_trial(d, cmd, *found)
+        restored += 1
+    todo = [(d, t) for d, t in todo if not os.path.exists(os.path.join(d, 'result.json'))]
     done_elsewhere = finished_runs([os.path.abspath(r) for r in fv.reuse])
     copies = [(d, done_elsewhere[key]) for d, t in todo
               if (key := run_identity(train_command(config_path, d, t))) in done_elsewhere]
     for d, source in copies:
       reuse_trial(source, d)
     todo = [(d, t) for d, t in todo if d not in dict(copies)]
-    copied = f', {len(copies)} copied from --reuse' if fv.reuse else ''
-    print(f'{len(trials)} trials, {len(unique)} distinct runs{copied}, {len(todo)} to run',
+    kept = (f', {restored} restored from --restore' if fv.restore else '') + \
+           (f', {len(copies)} copied from --reuse' if fv.reuse else '')
+    print(f'{len(trials)} trials, {len(unique)} distinct runs{kept}, {len(todo)} to run',
           flush=True)
 
     slots = queue.SimpleQueue()  # each running trial holds one slot's CPUs
