@@ -27,6 +27,7 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+ROPE_DTYPES = ('float32', 'compute')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -41,6 +42,10 @@ class ModelConfig:
   d_ff: int = 0                 # 0: int(8 * d_model / 3) (SwiGLU's usual width)
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
+  # RoPE's rotation arithmetic: 'float32' (whatever the compute dtype), or 'compute' (in
+  # the compute dtype, as MaxText's Llama RoPE: no float32 copies of q and k; used by
+  # the 120m preset on TPU, PERFORMANCE.md). The angles are float32 either way.
+  rope_dtype: str = 'float32'
   tie_embeddings: bool = False
   variant: str = 'baseline'     # key of variants.VARIANTS
   placement: str = 'pre'        # 'pre' | 'post' | 'sandwich'
@@ -78,6 +83,7 @@ class ModelConfig:
         (self.post_norm_role in POST_NORM_ROLES,
          f'model.post_norm_role must be one of {POST_NORM_ROLES}'),
         (self.dtype in DTYPES, f'model.dtype must be one of {tuple(DTYPES)}'),
+        (self.rope_dtype in ROPE_DTYPES, f'model.rope_dtype must be one of {ROPE_DTYPES}'),
         (self.attention_impl in ATTENTION_IMPLS,
          f'model.attention_impl must be one of {ATTENTION_IMPLS}'),
         (min(self.attention_block_q, self.attention_block_kv) >= 128,

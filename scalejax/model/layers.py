@@ -26,13 +26,21 @@ def input_branches(module_cls, hg: bool) -> tuple[str, ...]:
   return tuple(module_cls.BRANCHES) if hg else ('scale',)
 
 
-def token_matmul(x_BxLxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
-  """x @ W in x's dtype, over the tokens flattened to one axis: the weight gradient is
-  then a dot over a single contracting axis, which XLA:CPU hands to its GEMM as is;
-  over [B, L] it first writes the output gradient transposed, a copy per map
-  (PERFORMANCE.md)."""
+def token_matmul(x_BxLxD: jax.Array, w_DxF: jax.Array, flatten: bool | None = None) -> jax.Array:
+  """x @ W in x's dtype; `flatten` None: as the platform the trace compiles for wants it.
+
+  On CPU over the tokens flattened to one axis: the weight gradient is then a dot over
+  a single contracting axis, which XLA:CPU hands to its GEMM as is; over [B, L] it
+  first writes the output gradient transposed, a copy per map. Elsewhere over [B, L]
+  as they are: TPU's layout assignment takes two contracting axes in its stride, and
+  the flattened form made it write transposed float32 copies of activations instead
+  (+18 % HBM bytes per step at paper_dense_120m on v5p; both in PERFORMANCE.md).
+  """
+  w_DxF = w_DxF.astype(x_BxLxD.dtype)
+  if not (attention.platform() == 'cpu' if flatten is None else flatten):
+    return jnp.einsum('...d,df->...f', x_BxLxD, w_DxF)
   x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-  y_TxF = jnp.dot(x_TxD, w_DxF.astype(x_BxLxD.dtype))
+  y_TxF = jnp.dot(x_TxD, w_DxF)
   return y_TxF.reshape(*x_BxLxD.shape[:-1], w_DxF.shape[-1])
 
 
@@ -97,13 +105,16 @@ class Embed(nnx.Module):
     return token_matmul(x_BxLxD, self.table[...].T)
 
 
-def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float) -> jax.Array:
+def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float,
+         math_dtype=jnp.float32) -> jax.Array:
+  """Rotary embedding: angles in float32, the rotation in `math_dtype` (float32, or the
+  compute dtype: see ModelConfig.rope_dtype), the result in x's dtype."""
   h = x_BxLxNxH.shape[-1]
   freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
   angle_LxH2 = positions_L[:, None].astype(jnp.float32) * freq_H2[None, :]
-  sin = jnp.sin(angle_LxH2)[None, :, None, :]
-  cos = jnp.cos(angle_LxH2)[None, :, None, :]
-  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  sin = jnp.sin(angle_LxH2).astype(math_dtype)[None, :, None, :]
+  cos = jnp.cos(angle_LxH2).astype(math_dtype)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxH.astype(math_dtype), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxNxH.dtype)
 
@@ -116,6 +127,7 @@ class Attention(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = config.d_model, config.n_heads, config.resolved_n_kv_heads, config.resolved_head_dim
     self.n_heads, self.n_kv, self.h, self.theta = n, k, h, config.rope_theta
+    self.rope_math = jnp.float32 if config.rope_dtype == 'float32' else config.compute_dtype
     self.impl = config.attention_impl
     self.tiles = (config.attention_block_q, config.attention_block_kv)  # splash's q, kv tiles
     dual = lambda name: dual_mode(config, name)
@@ -135,8 +147,8 @@ class Attention(nnx.Module):
     v_BxLxKxH = self.v(xv_BxLxD).reshape(b, l, self.n_kv, self.h)
     if self.q_norm is not None:
       q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
-    q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta)
-    k_BxLxKxH = rope(k_BxLxKxH, positions_L, self.theta)
+    q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta, self.rope_math)
+    k_BxLxKxH = rope(k_BxLxKxH, positions_L, self.theta, self.rope_math)
     out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, impl=self.impl,
                                    block_q=self.tiles[0], block_kv=self.tiles[1])
     return self.o(out_BxLxNxH.reshape(b, l, self.n_heads * self.h))

@@ -21,9 +21,12 @@ from scalejax.train.config import base_config
 
 # name -> model shape, training length and settings (all but the 1B shape: ours)
 SIZES = {
-    # d_model 640 is HBM-bound on v5p even with splash attention: saving the matmul
-    # outputs (remat 'dots') skips the recompute's traffic and still fits (docs/PERFORMANCE.md).
-    'dense_120m': dict(model=dict(d_model=640, n_layers=12, n_heads=10, remat='dots'),
+    # d_model 640 (head dim 64) is HBM-bound on v5p with float32 RoPE and remat, even
+    # with splash attention: RoPE in bfloat16 drops the float32 copies of q and k that
+    # XLA writes around the kernel's layout change, and nothing is recomputed (remat
+    # 'none', 77 of 95 GiB per chip at batch 256). Compute-bound then (PERFORMANCE.md).
+    'dense_120m': dict(model=dict(d_model=640, n_layers=12, n_heads=10, remat='none',
+                                  rope_dtype='compute'),
                        lr=1.5e-3, steps=5_000, warmup=1_000),
     'dense_500m': dict(model=dict(d_model=1280, n_layers=20, n_heads=20),
                        lr=8e-4, steps=20_000, warmup=2_000),
