@@ -33,7 +33,7 @@ COMMANDS = {
     'scalejax.cli.lm_eval': (),  # lm-eval's own command line, passed through
     'scalejax.cli.export': ('workdir', 'out', 'step', 'overwrite'),
     'scalejax.studies.ablation': ('config', 'out', 'suite', 'variants', 'seeds', 'optimizers',
-                                  'schedules', 'lrs', 'parallel', 'set', 'reuse',
+                                  'schedules', 'lrs', 'parallel', 'set', 'reuse', 'restore',
                                   'aggregate_only'),
     'scalejax.studies.claims': ('out', 'markdown'),
     'scalejax.studies.quant_study': ('runs', 'out', 'formats', 'modes', 'group_sizes', 'step',
