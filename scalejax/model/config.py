@@ -152,6 +152,11 @@ class ModelConfig:
     return DTYPES[self.dtype]
 
   @property
+  def resolved_rope_dtype(self):
+    """The dtype RoPE's rotation runs in (`rope_dtype`: float32, or the compute dtype)."""
+    return jnp.float32 if self.rope_dtype == 'float32' else self.compute_dtype
+
+  @property
   def norm_spec(self) -> NormSpec:
     return NormSpec(kind=self.norm, eps=self.norm_eps, bias=self.norm_bias,
                     scale=self.variant_spec.scale, storage=self.scale_storage)

@@ -108,7 +108,7 @@ class Embed(nnx.Module):
 def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float,
          math_dtype=jnp.float32) -> jax.Array:
   """Rotary embedding: angles in float32, the rotation in `math_dtype` (float32, or the
-  compute dtype: see ModelConfig.rope_dtype), the result in x's dtype."""
+  compute dtype: ModelConfig.resolved_rope_dtype), the result in x's dtype."""
   h = x_BxLxNxH.shape[-1]
   freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
   angle_LxH2 = positions_L[:, None].astype(jnp.float32) * freq_H2[None, :]
@@ -127,7 +127,7 @@ class Attention(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = config.d_model, config.n_heads, config.resolved_n_kv_heads, config.resolved_head_dim
     self.n_heads, self.n_kv, self.h, self.theta = n, k, h, config.rope_theta
-    self.rope_math = jnp.float32 if config.rope_dtype == 'float32' else config.compute_dtype
+    self.rope_math = config.resolved_rope_dtype
     self.impl = config.attention_impl
     self.tiles = (config.attention_block_q, config.attention_block_kv)  # splash's q, kv tiles
     dual = lambda name: dual_mode(config, name)
