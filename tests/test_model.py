@@ -121,6 +121,27 @@ def test_gqa_tied_bfloat16_and_remat_agree_with_reference():
   chex.assert_trees_all_close(out, want, atol=0.05)
 
 
+@pytest.mark.parametrize('placement,variant,mlp', [('pre', 'unified', 'dense'),
+                                                    ('sandwich', 'dnp', 'dense'),
+                                                    ('post', 'baseline', 'dense'),
+                                                    ('pre', 'unified', 'moe')])
+def test_grad_fence_changes_no_value_or_gradient(placement, variant, mlp):
+  # The fence only orders the backward pass (one optimization barrier): the same loss,
+  # and the same gradients to float32 rounding, under full remat as the paper configs run.
+  base = dict(SMALL, placement=placement, variant=variant, mlp=mlp, remat='full')
+  tokens = _tokens()
+  targets = jnp.roll(tokens, 1, axis=1)
+
+  def loss_and_grads(fence):
+    model = build_model(ModelConfig(**base, grad_fence=fence), seed=3)
+    loss = lambda m: cross_entropy(m(tokens), targets)
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+  (loss, grads), (want_loss, want_grads) = loss_and_grads(True), loss_and_grads(False)
+  chex.assert_trees_all_close(loss, want_loss, rtol=1e-6)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads))
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_causal():
   model = build_model(ModelConfig(**SMALL))
   t = _tokens()

@@ -21,6 +21,7 @@ from scalejax.train import trainer
 from scalejax.model.counting import param_counts
 from scalejax.model.config import ModelConfig
 from scalejax.model.decoder import build_model
+from scalejax.train.config import validate
 from scalejax.train.optim import build_optimizer, default_config
 from _util import tiny_config
 
@@ -229,7 +230,99 @@ def test_param_counts_and_active_params_match_the_built_model(variant, shared):
   assert counts['active'] == counts['total'] - experts * unused // cfg.moe_experts
 
 
+@functools.cache
+def _perturbed_layer(variant):
+  """A layer of `variant` whose expert params (scales included) differ per expert."""
+  cfg = dataclasses.replace(CFG, variant=variant, moe_capacity_factor=2.0)  # drops nothing
+
+  @nnx.jit
+  def make():
+    layer = moe.MoE(cfg, rngs=nnx.Rngs(params=0))
+    layer.router.kernel[...] = jax.random.normal(jax.random.key(7), layer.router.kernel.shape)
+    state = nnx.state(layer.experts, nnx.Param)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    nnx.update(layer.experts, jax.tree.unflatten(tree, [
+        p + 0.1 * jax.random.normal(key, p.shape) for key, p in zip(keys, leaves)]))
+    return layer
+  return make()
+
+
+def _sum_of_squares(layer, xg, xu, xr):
+  y, aux = layer(xg, xu, xr)
+  return jnp.sum(y ** 2) + aux['moe_lb_loss'] + aux['moe_z_loss']
+
+
+_value_and_grad = nnx.jit(nnx.value_and_grad(_sum_of_squares, argnums=(0, 1, 2, 3)))
+
+
+@pytest.mark.parametrize('variant', ['baseline', 'dp', 'unified'])
+def test_grouped_dispatch_equals_the_capacity_dispatch_when_nothing_drops(variant):
+  # DP and DNP (unified) give each expert's gate/up rows that expert's own output scale
+  # or norm params; HG (unified) gives gate, up and router different inputs.
+  layer = nnx.clone(_perturbed_layer(variant))
+  x = _normal(4, (2, 8, CFG.d_model))
+  args = (x, 1.1 * x, 0.9 * x)
+  want = _value_and_grad(layer, *args)
+  _, aux = _call(layer, x)
+  assert float(aux['moe_drop_frac']) == 0.0  # the reference drops nothing
+  layer.dispatch = 'grouped'
+  got = _value_and_grad(layer, *args)
+  (loss, grads), (want_loss, want_grads) = got, want
+  chex.assert_trees_all_close(loss, want_loss, rtol=1e-6)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads))
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-6 * scale)
+  y, aux = _call(layer, x)
+  assert float(aux['moe_drop_frac']) == 0.0
+
+
+def test_grouped_dispatch_drops_nothing_where_capacity_drops():
+  layer = nnx.clone(_perturbed_layer('baseline'))
+  layer.capacity_factor = 0.5
+  x = _normal(5, (2, 8, CFG.d_model))
+  _, aux = _call(layer, x)
+  assert float(aux['moe_drop_frac']) > 0.2
+  layer.dispatch = 'grouped'
+  y, aux = _call(layer, x)
+  x_TxD = x.reshape(-1, CFG.d_model)
+  _, w, idx = _routing(layer, x_TxD, CFG.moe_top_k)
+  outs = np.asarray(_expert_outputs(layer, x_TxD))
+  want = np.stack([sum(w[t, j] * outs[idx[t, j]][t] for j in range(CFG.moe_top_k))
+                   for t in range(x_TxD.shape[0])]) + _shared(layer, x_TxD)
+  chex.assert_trees_all_close(y.reshape(-1, CFG.d_model), want, rtol=1e-5, atol=1e-6)
+  assert float(aux['moe_drop_frac']) == 0.0
+
+
+@pytest.mark.parametrize('sizes', [(5, 0, 8, 3), (16, 0, 0, 0), (2, 6, 4, 4)])
+def test_megablox_kernel_equals_ragged_dot_with_uneven_and_empty_groups(sizes):
+  # TPU's kernel, run by the Pallas interpreter: forward and both gradients
+  rows, d, f = sum(sizes), 32, 48
+  x = _normal(6, (rows, d))
+  w = _normal(7, (len(sizes), d, f))
+  sizes = jnp.asarray(sizes, jnp.int32)
+  out_ct = _normal(8, (rows, f))
+
+  def run(kernel):
+    fn = lambda x, w: moe.grouped_matmul(x, w, sizes, kernel, interpret=True)
+    y, vjp = jax.vjp(fn, x, w)
+    return y, vjp(out_ct)
+  got, want = run('megablox'), run('ragged_dot')
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+  # and ragged_dot is the per-group product
+  ends = np.cumsum(np.asarray(sizes))
+  for e, (lo, hi) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends)):
+    chex.assert_trees_all_close(want[0][lo:hi], x[lo:hi] @ w[e], rtol=1e-5, atol=1e-5)
+
+
 def test_moe_config_errors_name_the_key():
+  with pytest.raises(ValueError, match=r'model.moe_dispatch must be one of \(\'capacity\', \'grouped\'\)'):
+    dataclasses.replace(CFG, moe_dispatch='dropless')
+  cfg = tiny_config()
+  cfg.model.update(mlp='moe', moe_experts=4, moe_dispatch='grouped')
+  cfg.mesh.update(data=1, expert=2)
+  with pytest.raises(ValueError, match='model.moe_dispatch=grouped runs every expert on every '
+                                       'device and mesh.expert=2 shards the experts'):
+    validate(cfg, n_devices=2)
   with pytest.raises(ValueError, match=r'model.moe_top_k=5 must lie in \[1, model.moe_experts=4\]'):
     dataclasses.replace(CFG, moe_top_k=5)
   layer = nnx.clone(_layer())
@@ -238,9 +331,11 @@ def test_moe_config_errors_name_the_key():
     _call(layer, jnp.zeros((2, 8, CFG.d_model)))
 
 
-def test_moe_model_trains_and_logs_router_statistics(tmp_path):
+@pytest.mark.parametrize('dispatch', ['capacity', 'grouped'])
+def test_moe_model_trains_and_logs_router_statistics(tmp_path, dispatch):
   cfg = tiny_config()
-  cfg.model.update(mlp='moe', moe_experts=4, moe_top_k=2, moe_expert_ff=32, variant='hg')
+  cfg.model.update(mlp='moe', moe_experts=4, moe_top_k=2, moe_expert_ff=32, variant='hg',
+                   moe_dispatch=dispatch)
   cfg.train.update(steps=6, eval_every=0, log_every=3)
   cfg.data.eval_batches = 0  # saves a compile; the eval step only reads loss_fn's 'loss'
   trainer.train(cfg, str(tmp_path))
@@ -250,3 +345,4 @@ def test_moe_model_trains_and_logs_router_statistics(tmp_path):
   for r in train:
     assert np.isfinite(r['loss']) and r['moe_lb_loss'] > 0
     assert r['moe_z_loss'] > 0 and 0.0 <= r['moe_drop_frac'] < 1.0
+    assert dispatch == 'capacity' or r['moe_drop_frac'] == 0.0

@@ -27,17 +27,22 @@ MOE = dict(DENSE, mlp='moe', moe_experts=4, moe_top_k=2, moe_expert_ff=32, moe_s
 # The splash kernel (Pallas interpreter on CPU) runs per device in a shard_map: batch
 # over data, query and kv heads over tensor. Its tiles need 128 tokens.
 SPLASH = dict(DENSE, n_kv_heads=2, attention_impl='splash', max_seq_len=128)
+# Grouped (dropless) MoE dispatch per device in a shard_map, batch over data and fsdp.
+GROUPED = dict(MOE, moe_dispatch='grouped')
 CASES = {
     'data8': ('dense', dict(data=8, fsdp=1, tensor=1, expert=1), False),
     'fsdp4_tensor2': ('dense', dict(data=1, fsdp=4, tensor=2, expert=1), True),
     'moe_expert4': ('moe', dict(data=2, fsdp=1, tensor=1, expert=4), False),
     'splash_tensor2': ('splash', dict(data=4, fsdp=1, tensor=2, expert=1), False),
+    'grouped_fsdp4': ('grouped', dict(data=2, fsdp=4, tensor=1, expert=1), True),
 }
-MODELS = {'dense': DENSE, 'moe': MOE, 'splash': SPLASH}
+MODELS = {'dense': DENSE, 'moe': MOE, 'splash': SPLASH, 'grouped': GROUPED}
 SEQ_LEN = {'splash': 128}  # others: configs/tiny.py's
 # The single-device reference of the splash case runs XLA's attention: the kernel,
-# sharded, must compute what XLA computes unsharded.
-REFERENCE = {'splash': dict(attention_impl='xla')}
+# sharded, must compute what XLA computes unsharded; that of the grouped case the
+# capacity dispatch with room for every token (experts / top_k), which drops nothing.
+REFERENCE = {'splash': dict(attention_impl='xla'),
+             'grouped': dict(moe_dispatch='capacity', moe_capacity_factor=2.0)}
 ONE = dict(data=1, fsdp=1, tensor=1, expert=1)
 # params whose layout the tests check: path -> logical axes they carry
 CHECKED = ('embed/table', 'head/kernel', 'blocks/attn/q/kernel', 'blocks/mlp/gate/kernel',
@@ -161,6 +166,14 @@ EXPECTED = {
         'head/kernel': [None, 'tensor'],
         'blocks/attn/q/kernel': [None, None, 'tensor'],    # query heads split in two
         'blocks/mlp/gate/kernel': [None, None, 'tensor'],
+        'blocks/mlp_norm/gate/alpha': [],
+    },
+    'grouped_fsdp4': {
+        'embed/table': [None, 'fsdp'],
+        'head/kernel': ['fsdp'],
+        'blocks/attn/q/kernel': [None, 'fsdp', None],
+        'blocks/mlp/experts/up/kernel': [None, None, 'fsdp'],  # stored FSDP, run gathered
+        'blocks/mlp/router/kernel': [None, 'fsdp', None],
         'blocks/mlp_norm/gate/alpha': [],
     },
 }

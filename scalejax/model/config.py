@@ -19,6 +19,7 @@ from scalejax.scales.norms import NormSpec
 from scalejax.scales.variants import get_variant
 
 MLP_KINDS = ('dense', 'moe')  # model.mlp; 'moe': every layer's MLP is a moe.MoE
+MOE_DISPATCHES = ('capacity', 'grouped')  # model.moe_dispatch (model/moe.py)
 PLACEMENTS = ('pre', 'post', 'sandwich')
 POST_NORM_ROLES = ('input', 'output')  # model.post_norm_role
 DUAL_TARGETS = ('q', 'k', 'v', 'gate', 'up')
@@ -61,6 +62,7 @@ class ModelConfig:
   dtype: str = 'float32'        # compute dtype; params are always float32
   remat: str = 'none'           # key of REMAT_POLICIES
   scan_unroll: int = 1          # >1 unrolls the layer scan (faster on CPU for few layers)
+  grad_fence: bool = False      # the MLP's param grads before its input grad (decoder.fence)
   attention_impl: str = 'auto'  # key of attention.IMPLS; 'auto': the backend's fused kernel
   attention_block_q: int = 512  # splash tiles (rounded to a multiple of 128 dividing the
   attention_block_kv: int = 512  # sequence); they change speed, not the result
@@ -70,6 +72,8 @@ class ModelConfig:
   moe_top_k: int = 2
   moe_expert_ff: int = 0        # hidden width of each expert (0: the dense ff_dim)
   moe_shared_ff: int = 0        # hidden width of an always-on shared expert (0: none)
+  moe_dispatch: str = 'capacity'  # key of MOE_DISPATCHES: 'capacity' (einsums, may drop)
+                                  # or 'grouped' (sorted tokens, grouped matmuls, dropless)
   moe_capacity_factor: float = 1.25  # >= moe_experts / moe_top_k: no token is dropped
   moe_group_size: int = 0       # tokens per routing group (0: one sequence)
   moe_lb_weight: float = 0.01   # load-balancing loss weight
@@ -109,6 +113,8 @@ class ModelConfig:
          f'{self.moe_experts}]: each token is routed to top_k of the experts'),
         (self.mlp != 'moe' or self.moe_capacity_factor > 0,
          'model.moe_capacity_factor must be positive'),
+        (self.moe_dispatch in MOE_DISPATCHES,
+         f'model.moe_dispatch must be one of {MOE_DISPATCHES}'),
     ]
     for ok, msg in checks:
       if not ok:

@@ -42,6 +42,7 @@ class Block(nnx.Module):
     sandwich = config.placement == 'sandwich'
     self.attn_out_norm = Norm(spec, d, roles.UNLABELLED) if sandwich else None
     self.mlp_out_norm = Norm(spec, d, roles.UNLABELLED) if sandwich else None
+    self.grad_fence = config.grad_fence
 
   def __call__(self, x_BxLxD, positions_L):
     """Returns (x, aux): aux holds the MoE router statistics ({} for a dense MLP)."""
@@ -49,13 +50,49 @@ class Block(nnx.Module):
     if self.placement == 'post':
       a = self.attn(*_branches(x_BxLxD, self.n_attn_inputs), positions_L)
       x = self.attn_norm(x_BxLxD + a)
-      m, aux = _with_aux(self.mlp(*_branches(x, k)))
+      mlp, x_in = fence(self.mlp, x) if self.grad_fence else (self.mlp, x)
+      m, aux = _with_aux(mlp(*_branches(x_in, k)))
       return self.mlp_norm(x + m), aux
     h = feed(self.attn_norm, x_BxLxD, self.attn, self.n_attn_inputs)
     a = self.attn(*h, positions_L)
     x = x_BxLxD + (a if self.attn_out_norm is None else self.attn_out_norm(a))
-    m, aux = _with_aux(self.mlp(*feed(self.mlp_norm, x, self.mlp, k)))
-    return x + (m if self.mlp_out_norm is None else self.mlp_out_norm(m)), aux
+    mlp, mlp_norm, mlp_out_norm, x_in = self.mlp, self.mlp_norm, self.mlp_out_norm, x
+    if self.grad_fence:
+      (mlp, mlp_norm, mlp_out_norm), x_in = fence((mlp, mlp_norm, mlp_out_norm), x)
+    m, aux = _with_aux(mlp(*feed(mlp_norm, x_in, mlp, k)))
+    return x + (m if mlp_out_norm is None else mlp_out_norm(m)), aux
+
+
+def fence(modules, x):
+  """`modules` and `x` unchanged; in the backward pass their cotangents leave together.
+
+  The cotangents pass through one `optimization_barrier`: the gradient of x (what the
+  layer below waits for) is released only once every param gradient of `modules` is
+  computed, so the arrays those need (activations, recomputed projections) are freed
+  before the next sub-layer's backward starts. Without it, XLA:TPU's scheduler may
+  defer param-gradient reductions (DNP's d(gamma) over tokens) past the attention's
+  backward and keep their inputs alive: +2.6 GiB per chip for `unified` at
+  paper_dense_1b on v5p-8 (docs/PERFORMANCE.md). Same values, to rounding.
+  """
+  graphdef, state = nnx.split(modules)
+  state, x = _together(state, x)
+  return nnx.merge(graphdef, state), x
+
+
+@jax.custom_vjp
+def _together(params, x):
+  return params, x
+
+
+def _together_fwd(params, x):
+  return (params, x), None
+
+
+def _together_bwd(_, cotangents):
+  return jax.lax.optimization_barrier(cotangents)
+
+
+_together.defvjp(_together_fwd, _together_bwd)
 
 
 def _branches(out, k):

@@ -10,7 +10,7 @@ from scalejax.core import roles
 from scalejax.core.roles import Param
 from scalejax.model import attention
 from scalejax.model.config import ModelConfig
-from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale
+from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale, normalize
 
 DUAL_MODES = ('none', 'dp', 'dnp')
 
@@ -90,6 +90,21 @@ class Linear(nnx.Module):
     if self.dual == 'dnp':
       return self.post(y)
     return y
+
+  def finish_rows(self, y_RxF: jax.Array, copy_R: jax.Array) -> jax.Array:
+    """`finish` of a stacked Linear (params with a leading axis of copies, e.g. the
+    experts of an MoE) on rows of several copies at once: row r takes copy copy_R[r]'s
+    output scale or norm params."""
+    if self.dual == 'none':
+      return y_RxF
+    graphdef, state = nnx.split(self.post)
+    each = lambda fn: jax.vmap(lambda st: fn(nnx.merge(graphdef, st)))(state)
+    if self.dual == 'dp':
+      u_CxF = each(lambda form: form())
+      return y_RxF if u_CxF is None else (y_RxF * u_CxF[copy_R]).astype(y_RxF.dtype)
+    gamma_CxF, bias_CxF = each(lambda norm: norm.affine())
+    row = lambda a: None if a is None else a[copy_R]
+    return normalize(y_RxF, self.post.spec, row(gamma_CxF), row(bias_CxF))
 
 
 class Embed(nnx.Module):

@@ -282,3 +282,21 @@ class Norm(nnx.Module):
   def gammas(self) -> list[jax.Array | None]:
     """Effective scale vector of each branch (None for the `none` form)."""
     return [getattr(self, name)() for name in self.branches]
+
+  def affine(self) -> tuple[jax.Array | None, jax.Array | None]:
+    """(gamma, bias) of a single-branch norm, None where it has none: with `normalize`,
+    the norm applied with these taken elsewhere (per row, for stacked experts)."""
+    if len(self.branches) != 1:
+      raise ValueError(f'affine() needs a single-branch norm, this one has {self.branches}')
+    bias = getattr(self, f'{self.branches[0]}_bias', None)
+    return self.gammas()[0], None if bias is None else bias[...]
+
+
+def normalize(x: jax.Array, spec: NormSpec, gamma: jax.Array | None,
+              bias: jax.Array | None) -> jax.Array:
+  """`spec`'s statistics of x (float32) times gamma plus bias, in x's dtype; gamma and
+  bias broadcast against x ([d], or [rows, d] for a per-row scale)."""
+  y = STATISTICS[spec.kind](x.astype(jnp.float32), spec.eps)
+  y = y if gamma is None else y * gamma
+  y = y if bias is None else y + bias
+  return y.astype(x.dtype)

@@ -172,6 +172,10 @@ def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
   undecayed_parts(o.magdir_decay)
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
       cfg.mesh, jax.device_count() if n_devices is None else n_devices)))
+  if m.mlp == 'moe' and m.moe_dispatch == 'grouped' and sizes['expert'] > 1:
+    raise ValueError(f'model.moe_dispatch=grouped runs every expert on every device and '
+                     f'mesh.expert={sizes["expert"]} shards the experts: set mesh.expert=1 '
+                     '(batch and FSDP over the other axes) or model.moe_dispatch=capacity')
   shards = sizes['data'] * sizes['fsdp'] * sizes['expert']  # the `batch` logical axis
   if t.batch_size % shards:
     raise ValueError(f'train.batch_size={t.batch_size} is not divisible by the {shards} batch '

@@ -47,7 +47,8 @@ def paper_config(name: str):
   size = SIZES[name]
   cfg = base_config()
   cfg.model.update(**{'vocab_size': 50_304, 'max_seq_len': 2048, 'tie_embeddings': False,
-                      'dtype': 'bfloat16', 'remat': 'full', **size['model']})
+                      'dtype': 'bfloat16', 'remat': 'full', 'grad_fence': True,
+                      **size['model']})
   if cfg.model.mlp == 'moe':
     cfg.model.update(moe_capacity_factor=1.25, moe_group_size=512)
   cfg.data.update(source='synthetic', synthetic_vocab=50_304, eval_batches=4)
