@@ -314,6 +314,19 @@ def test_megablox_kernel_equals_ragged_dot_with_uneven_and_empty_groups(sizes):
     chex.assert_trees_all_close(want[0][lo:hi], x[lo:hi] @ w[e], rtol=1e-5, atol=1e-5)
 
 
+def test_megablox_tiles_divide_the_rows_fit_vmem_and_refuse_odd_row_counts():
+  # The paper MoE's shapes per v5p device (262,144 rows): the tilings the AOT compile
+  # measured best among those that fit (docs/PERFORMANCE.md)
+  assert moe.megablox_tiles(262_144, 640, 1024) == (1024, 640, 1024)
+  assert moe.megablox_tiles(262_144, 1536, 1280) == (1024, 512, 1280)
+  for rows, k, n in [(262_144, 1280, 1536), (96, 32, 48), (24, 2048, 4096)]:
+    tm, tk, tn = moe.megablox_tiles(rows, k, n)
+    assert rows % tm == 0 and tk <= k and tn <= n
+    assert 2 * (tm * tk + tk * tn) * 2 + tm * tn * 6 <= moe.VMEM_BUDGET
+  with pytest.raises(ValueError, match=r'rows per device \(30\) to be a multiple of 8'):
+    moe.megablox_tiles(30, 32, 48)
+
+
 def test_moe_config_errors_name_the_key():
   with pytest.raises(ValueError, match=r'model.moe_dispatch must be one of \(\'capacity\', \'grouped\'\)'):
     dataclasses.replace(CFG, moe_dispatch='dropless')

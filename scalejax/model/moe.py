@@ -190,19 +190,37 @@ def grouped_matmul(x_RxD: jax.Array, w_NxDxF: jax.Array, sizes_N: jax.Array,
   if kernel == 'ragged_dot':
     return jax.lax.ragged_dot(x_RxD, w_NxDxF, sizes_N)
   from jax.experimental.pallas.ops.tpu.megablox import gmm
-  r, d = x_RxD.shape
-  tile = lambda n: n if n <= 512 else 512
   return gmm(x_RxD, w_NxDxF, sizes_N, preferred_element_type=x_RxD.dtype,
-             tiling=(_row_tile(r), tile(d), tile(w_NxDxF.shape[-1])), interpret=interpret)
+             tiling=megablox_tiles(x_RxD.shape[0], *w_NxDxF.shape[1:]), interpret=interpret)
 
 
-def _row_tile(rows: int) -> int:
-  """The largest of 512, 256, ..., 8 dividing `rows` (the kernel's row tile)."""
-  for t in (512, 256, 128, 64, 32, 16, 8):
-    if rows % t == 0:
-      return t
-  raise ValueError(f'model.moe_dispatch=grouped on TPU needs the (token, choice) rows per '
-                   f'device ({rows}) to be a multiple of 8: change the batch or seq_len')
+# The kernel's tiles live in TPU VMEM under its scoped limit: tm x tk and tk x tn input
+# tiles double-buffered in bf16, a float32 tm x tn accumulator and a double-buffered
+# output tile. Compiled for v5p with the grouped matmul and both gradients at 262,144
+# rows: (1024, 512, 1280) fits (15.20 MB by this count), (1024, 1280, 768) does not (15.47).
+VMEM_BUDGET = 15.3e6
+
+
+def megablox_tiles(rows: int, k: int, n: int) -> tuple[int, int, int]:
+  """(tm, tk, tn) for Megablox: the tiling with the least HBM traffic by the kernel's
+  structure (the weights are read once per row tile, the rows once per column tile)
+  within VMEM_BUDGET. At 262,144 x 640 x 1024 (paper_moe_500m's gate) this halves the
+  bytes of (512, 512, 512): 3.45 against 5.88 GB forward and backward, v5p AOT
+  (docs/PERFORMANCE.md)."""
+  tm = next((t for t in (1024, 512, 256, 128, 64, 32, 16, 8) if rows % t == 0), None)
+  if tm is None:
+    raise ValueError(f'model.moe_dispatch=grouped on TPU needs the (token, choice) rows per '
+                     f'device ({rows}) to be a multiple of 8: change the batch or seq_len')
+  # tk below 512 made the weight gradient's pass dearer (1536 x 1280: 9.33 GB at tk 384,
+  # 8.66 at 512; 1280 x 1536: 13.89 GB at tk 128, 10.40 at 512)
+  tks = [k] + [t for t in (1024, 768, 640, 512) if t < k]
+  tns = [n] + [t for t in (1024, 768, 640, 512, 384, 256, 128) if t < n]
+  vmem = lambda tk, tn: 2 * (tm * tk + tk * tn) * 2 + tm * tn * 4 + 2 * tm * tn * 2
+  traffic = lambda tk, tn: rows // tm * k * n + -(-n // tn) * rows * k + rows * n
+  fits = [(traffic(tk, tn), -tk * tn, tk, tn) for tk in tks for tn in tns
+          if vmem(tk, tn) <= VMEM_BUDGET]
+  _, _, tk, tn = min(fits) if fits else (0, 0, min(k, 512), min(n, 128))
+  return tm, tk, tn
 
 
 def _grouped_experts(graphdef, state, xg_BxLxD, xu_BxLxD, w_BxLxK, idx_BxLxK, *, platform):
