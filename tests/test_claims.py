@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,9 @@ from scipy import stats
 from scalejax.cli import common
 from scalejax.studies import claims
 from scalejax.train import optim
+from scalejax.train.config import load_config
+
+ROOT = Path(__file__).parents[1]
 
 
 def test_holm_on_known_numbers():
@@ -149,6 +153,27 @@ def test_claims_compare_across_folders_pair_by_seed_and_correct_for_the_family(s
   assert power['sd_diff'] == pytest.approx(np.median([r['sd'] for r in full]))
   assert power['detectable'] == pytest.approx(claims.detectable_effect(power['sd_diff'], 5))
   assert 'shakespeare_char' in saved['power'] and saved['plots'] == ['claims.png', 'batch_trend.png']
+
+
+def test_decay_budget_of_a_published_stage_comes_from_its_commands(study):
+  # A published stage has summary.json but no trial folders: the budget is that of the
+  # config its command names, with the command's overrides (cosine schedule, warmup).
+  import shutil
+  shutil.rmtree(study / 'sandwich_wd0.3' / 'trials')
+  summary = json.loads((study / 'sandwich_wd0.3' / 'summary.json').read_text())
+  command = ('python -m scalejax.cli.train --config=configs/shakespeare_char.py '
+             '--config.model.placement=sandwich --config.optimizer.lr=0.002 '
+             '--config.optimizer.norm_decay=iwd --config.optimizer.scale_decay=0.3 '
+             '--config.optimizer.schedule=constant --config.optimizer.warmup_steps=0 '
+             '--config.seed=1 --config.train.steps=400')
+  summary['trials'] = {'decay_iwd@sandwich-adamw-cosine-lr0.002-s1': {
+      'variant': 'decay_iwd@sandwich', 'seed': 1, 'result': {'command': command}}}
+  (study / 'sandwich_wd0.3' / 'summary.json').write_text(json.dumps(summary))
+  rep = claims.main(['claims'], common.parse_flags(claims.define_flags, ['--out', str(study)]))
+  iwd = _row(rep['claims'], 'iwd − all @sandwich, scale decay 0.3')
+  # the constant LR 0.002 for 400 steps, the config file's scale LR multiplier
+  mult = load_config(ROOT / 'configs' / 'shakespeare_char.py').optimizer.scale_lr_mult
+  assert iwd['decay_budget'] == pytest.approx((1 - 0.002 * 0.3 * mult) ** 400, rel=1e-6)
 
 
 def test_a_missing_study_folder_is_one_clear_error(tmp_path):

@@ -183,15 +183,45 @@ class Study:
     return {int(s): v for s, v in summary[groups[0]][cell.variant]['losses'].items()}
 
   def decay_budget(self, cell: Cell) -> float | None:
-    """prod_t(1 − lr_t · wd) of the decayed scales of the cell's first trial."""
+    """prod_t(1 − lr_t · wd) of the decayed scales of the cell's first trial: from its
+    saved config, or (a published stage holds no trial folders) from the config its
+    command in summary.json names, with that command's overrides."""
     from scalejax.core import roles
     from scalejax.train import optim
+    cfg = None
     for path in sorted(glob.glob(os.path.join(self.out, cell.stage, 'trials', '*', 'config.json'))):
-      cfg = json.load(open(path))
-      opt = ml_collections.ConfigDict(cfg['optimizer'])
-      # the rate a policy gives the scales it decays: the optimizer's own rule
-      rate = optim.role_rates(opt, 'all')[roles.INPUT_SCALE]
-      return optim.decay_budget(opt, cfg['train']['steps'], rate * opt.scale_lr_mult)
+      cfg = ml_collections.ConfigDict(json.load(open(path)))
+      break
+    if cfg is None:
+      cfg = self._config_of_command(cell)
+    if cfg is None:
+      return None
+    opt = cfg.optimizer
+    # the rate a policy gives the scales it decays: the optimizer's own rule
+    rate = optim.role_rates(opt, 'all')[roles.INPUT_SCALE]
+    return optim.decay_budget(opt, cfg.train.steps, rate * opt.scale_lr_mult)
+
+  def _config_of_command(self, cell: Cell):
+    from scalejax.studies.ablation import ROOT, parse_sets
+    from scalejax.train.config import load_config
+    path = os.path.join(self.out, cell.stage, 'summary.json')
+    if not os.path.exists(path):
+      return None
+    trials = json.load(open(path)).get('trials', {})
+    for trial in sorted(trials.values(), key=lambda t: t.get('seed', 0)):
+      command = (trial.get('result') or {}).get('command', '').split()
+      if trial.get('variant') != cell.variant or not command:
+        continue
+      args = [a.removeprefix('--') for a in command if a.startswith('--config')]
+      config = next(a.split('=', 1)[1] for a in args if a.startswith('config='))
+      cfg = load_config(os.path.join(ROOT, config))
+      for key, value in parse_sets([a for a in args if not a.startswith('config=')]).items():
+        node = cfg
+        *parents, last = key.split('.')
+        for name in parents:
+          node = node[name]
+        node[last] = value
+      return cfg
     return None
 
 
