@@ -52,11 +52,9 @@ from absl import flags
 
 from scalejax.cli import common
 from scalejax.scales import variants as variants_lib
-from scalejax.studies.common import paired_difference
+from scalejax.studies.common import ROOT, paired_difference, parse_sets
 
 BASELINE = 'baseline'
-# The repository (scalejax/studies/ablation.py is three levels down): trials run there.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # --- suites ---------------------------------------------------------------------
@@ -149,23 +147,6 @@ class Trial:
   @property
   def baseline_variant(self) -> str:
     return BASELINE if self.placement == 'pre' else f'{BASELINE}@{self.placement}'
-
-
-def _parse_value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def parse_sets(items) -> dict:
-  out = {}
-  for item in items or ():
-    if '=' not in item:
-      raise ValueError(f'--set {item!r} is not KEY=VALUE (e.g. --set train.steps=300)')
-    k, v = item.split('=', 1)
-    out[k.removeprefix('config.')] = _parse_value(v)
-  return out
 
 
 def make_trials(suite: dict, variants, seeds, optimizers, schedules, lrs, sets: dict):

@@ -202,7 +202,7 @@ class Study:
     return optim.decay_budget(opt, cfg.train.steps, rate * opt.scale_lr_mult)
 
   def _config_of_command(self, cell: Cell):
-    from scalejax.studies.ablation import ROOT, parse_sets
+    from scalejax.studies.common import ROOT, parse_sets
     from scalejax.train.config import load_config
     path = os.path.join(self.out, cell.stage, 'summary.json')
     if not os.path.exists(path):

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 
 import numpy as np
+
+
+# The repository (this file is three levels down): trials run there, commands name
+# files relative to it.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_sets(items) -> dict:
+  """['KEY=VALUE', ...] (a `config.` prefix allowed) -> {KEY: the value as a literal}."""
+  out = {}
+  for item in items or ():
+    if '=' not in item:
+      raise ValueError(f'--set {item!r} is not KEY=VALUE (e.g. --set train.steps=300)')
+    k, v = item.split('=', 1)
+    out[k.removeprefix('config.')] = _parse_value(v)
+  return out
 
 
 def parse_runs(spec: str) -> dict[str, str]:
