@@ -147,8 +147,8 @@ class MoE(nnx.Module):
     return y_BxLxD, aux
 
   def grouped(self, xg_BxLxD, xu_BxLxD, xr_BxLxD):
-    """Dropless dispatch: each device sorts its tokens' (token, choice) rows by expert
-    and runs the experts as three grouped matmuls (`grouped_matmul`) over them."""
+    """Dropless dispatch: each device puts its tokens' (token, choice) rows in expert
+    order and runs the experts as three grouped matmuls (`grouped_matmul`) over them."""
     b, l, d = xg_BxLxD.shape
     logits_BxLxN, probs_BxLxN, w_BxLxK, idx_BxLxK = self.choose(xr_BxLxD)
     chosen_BxLxN = jnp.sum(jax.nn.one_hot(idx_BxLxK, self.n_experts, dtype=jnp.int32), axis=2)
@@ -160,10 +160,7 @@ class MoE(nnx.Module):
       y_BxLxD = run(state, xg_BxLxD, xu_BxLxD, w_BxLxK, idx_BxLxK)
     else:
       if mesh.shape['expert'] > 1:
-        raise ValueError(f'model.moe_dispatch=grouped runs every expert on every device; '
-                         f'this mesh shards experts over mesh.expert={mesh.shape["expert"]}: '
-                         'set mesh.expert=1 (batch and FSDP over the other axes) or use '
-                         'model.moe_dispatch=capacity')
+        raise ValueError(grouped_mesh_error(mesh.shape['expert']))
       # Per device: its own tokens, every expert's weights (gathered as FSDP gathers them
       # for any layer), no collective inside.
       rows = sharding.logical_spec(('act_batch', None, None), (b, l, d), mesh)
@@ -174,6 +171,13 @@ class MoE(nnx.Module):
     if self.shared is not None:
       y_BxLxD = y_BxLxD + self.shared(xg_BxLxD, xu_BxLxD)
     return y_BxLxD, aux
+
+
+def grouped_mesh_error(expert: int) -> str:
+  """Why the grouped dispatch cannot run on a mesh with `expert` > 1 shards of experts."""
+  return (f'model.moe_dispatch=grouped runs every expert on every device and '
+          f'mesh.expert={expert} shards the experts: set mesh.expert=1 (batch and FSDP '
+          'over the other axes) or model.moe_dispatch=capacity')
 
 
 def grouped_matmul(x_RxD: jax.Array, w_NxDxF: jax.Array, sizes_N: jax.Array,

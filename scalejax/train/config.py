@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 from scalejax import data as data_lib
 from scalejax.train import optim
 from scalejax.core import sharding
-from scalejax.model import attention
+from scalejax.model import attention, moe
 from scalejax.model.config import ModelConfig
 from scalejax.scales.weight_decay import undecayed_parts
 
@@ -173,9 +173,7 @@ def validate(cfg: ConfigDict, n_devices: int | None = None) -> None:
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
       cfg.mesh, jax.device_count() if n_devices is None else n_devices)))
   if m.mlp == 'moe' and m.moe_dispatch == 'grouped' and sizes['expert'] > 1:
-    raise ValueError(f'model.moe_dispatch=grouped runs every expert on every device and '
-                     f'mesh.expert={sizes["expert"]} shards the experts: set mesh.expert=1 '
-                     '(batch and FSDP over the other axes) or model.moe_dispatch=capacity')
+    raise ValueError(moe.grouped_mesh_error(sizes['expert']))
   shards = sizes['data'] * sizes['fsdp'] * sizes['expert']  # the `batch` logical axis
   if t.batch_size % shards:
     raise ValueError(f'train.batch_size={t.batch_size} is not divisible by the {shards} batch '
