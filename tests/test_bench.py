@@ -5,14 +5,19 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import chex
+import jax
+import jax.numpy as jnp
 import pytest
 
+from scalejax.core import sharding
 from scalejax.scales.variants import VARIANTS
-from scalejax.train import benchmark
+from scalejax.train import benchmark, trainer
 from scalejax.train import metrics, xla_flags
 from scalejax.train.config import load_config
 
@@ -93,6 +98,59 @@ def test_xla_flags_append_and_never_override(monkeypatch):
   monkeypatch.delenv('XLA_FLAGS')
   assert xla_flags._append_xla_flags([]) == []
   assert 'XLA_FLAGS' not in xla_flags.os.environ
+
+
+def test_cpu_compile_options_by_platform_user_flag_and_switch(monkeypatch):
+  monkeypatch.delenv('SCALEJAX_NO_TUNING', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0')
+  assert xla_flags.compiler_options('cpu') == xla_flags.CPU_COMPILE_OPTIONS
+  assert xla_flags.compiler_options('tpu') is None and xla_flags.compiler_options('gpu') is None
+  # an option the user set in XLA_FLAGS is theirs: the step is compiled without ours
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot,reduce')
+  assert xla_flags.compiler_options('cpu') is None
+  monkeypatch.delenv('XLA_FLAGS')
+  monkeypatch.setenv('SCALEJAX_NO_TUNING', '1')
+  assert xla_flags.compiler_options('cpu') is None
+
+
+def _ynn_fusions_with_a_dot(hlo_text: str) -> list[bool]:
+  """For each YNNPACK fusion of a compiled module: whether its computation has a dot."""
+  bodies = {m.group(1): m.group(2) for m in
+            re.finditer(r'^%?([\w.\-]+) \(.*?\{\n(.*?)\n\}', hlo_text, re.M | re.S)}
+  called = re.findall(r'calls=%?([\w.\-]+),.*?"kind":"__ynn_fusion"', hlo_text)
+  return [' dot(' in bodies[name] for name in called]
+
+
+def test_cpu_compile_options_leave_ynnpack_the_dots_and_the_math_unchanged():
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  with cfg.unlocked():
+    cfg.model.variant = 'unified'  # DNP's norms: reductions XLA would hand to YNNPACK
+  run, state = trainer.build_run(cfg, None)
+  batches = [sharding.global_batch(next(run.data.train_iter), run.mesh) for _ in range(3)]
+  states, texts = {}, {}
+  for tuned in (True, False):
+    step = trainer.make_train_step(run, tuned)
+    texts[tuned] = step.lower(state, batches[0]).compile().as_text()
+    s = jax.tree.map(jnp.copy, state)
+    for batch in batches:
+      s, _ = step(s, batch)
+    states[tuned] = s
+  tuned, untuned = _ynn_fusions_with_a_dot(texts[True]), _ynn_fusions_with_a_dot(texts[False])
+  assert tuned and all(tuned)  # YNNPACK runs the dots (fused with what XLA puts around them)
+  assert not all(untuned)  # XLA's default also gives it reductions, which we take back
+  chex.assert_trees_all_close(states[True]['params'], states[False]['params'],
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_untuned_call_times_xla_defaults_beside_the_tuned_step():
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  out = benchmark.run_benchmark(cfg, ['baseline'], rounds=1, steps=2, warmup=0,
+                                call=['compiled', 'untuned'])
+  rows = {r['variant']: r for r in out['results']}
+  assert list(rows) == ['baseline', 'baseline@untuned'] and out['call'] == 'compiled,untuned'
+  assert rows['baseline@untuned']['step_ratio'] > 0
+  # the same two steps from the same state: the same loss up to float32 rounding
+  assert rows['baseline@untuned']['loss'] == pytest.approx(rows['baseline']['loss'], rel=1e-5)
 
 
 def test_tuning_can_be_turned_off(monkeypatch):

@@ -28,11 +28,14 @@ that PyTorch runs with its defaults, as nanoGPT's `train.py` does
 (its cache lookup and dispatch included) instead of a call of the compiled executable;
 `--call=loop` times the train loop's own step (`trainer.advance`: the next batch from
 the data pipeline put on the mesh, the jitted step, the previous step's verdict read).
-Several calls time every variant once per call in the same rounds, so the ratio of
-`baseline@loop` to `baseline` is the loop's cost over the step, under one load:
+`--call=untuned` times the compiled executable built with XLA's default options
+instead of the project's (`xla_flags.compiler_options`). Several calls time every
+variant once per call in the same rounds, so the ratio of `baseline@loop` to
+`baseline` is the loop's cost over the step, and of `baseline@untuned` to `baseline`
+what the project's compile options gain, each under one load:
 
     python -m scalejax.cli.bench --config configs/shakespeare_char.py \
-        --variants baseline --call=compiled,loop --rounds 7 --steps 20
+        --variants baseline --call=compiled,loop,untuned --rounds 7 --steps 20
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_list('call', ['compiled'], 'what a timed step calls, one or more of '
                     f'{", ".join(CALLS)}: the compiled executable, the jitted function '
-                    'inside the mesh, or the train loop\'s step (next batch, step, verdict)',
+                    'inside the mesh, the train loop\'s step (next batch, step, verdict), '
+                    'or the executable compiled with XLA\'s default options',
                     flag_values=fv)
   flags.DEFINE_string('json', '', 'write the results here as JSON', flag_values=fv)
   flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '

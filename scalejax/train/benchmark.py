@@ -28,7 +28,7 @@ from scalejax.core import sharding
 from scalejax.model import counting
 from scalejax.train import metrics, nonfinite, torch_reference, trainer, xla_flags
 
-CALLS = ('compiled', 'jit', 'loop')  # what a timed step calls (--call)
+CALLS = ('compiled', 'jit', 'loop', 'untuned')  # what a timed step calls (--call)
 
 FIELDS = ('variant', 'compile_s', 'step_ms', 'step_ms_min', 'cpu_ms', 'page_faults',
           'tokens_per_s', 'flops_per_step', 'mfu', 'peak_bytes', 'device_peak_bytes', 'step_ratio',
@@ -88,7 +88,8 @@ def build_case(cfg, variant: str, n_batches: int, call: str = 'compiled',
   run, state = trainer.build_run(cfg, workdir=None)
   batches = [sharding.global_batch(next(run.data.train_iter), run.mesh)
              for _ in range(n_batches)]
-  jitted = trainer.make_train_step(run)
+  # 'untuned': the compiled step with XLA's default options instead of the project's
+  jitted = trainer.make_train_step(run, tuned=call != 'untuned')
   with jax.set_mesh(run.mesh):
     t = time.perf_counter()
     compiled = jitted.lower(state, batches[0]).compile()

@@ -19,7 +19,7 @@ from scalejax.train import checkpoint as ckpt
 from scalejax.train import config as config_lib
 from scalejax.train import distributed
 from scalejax import data as data_lib
-from scalejax.train import nonfinite, preemption, records
+from scalejax.train import nonfinite, preemption, records, xla_flags
 from scalejax.train import metrics as metrics_lib
 from scalejax.core import roles, sharding
 from scalejax.model import attention, wiring
@@ -115,7 +115,14 @@ def loss_fn(graphdef, params, batch):
   return ce + model.aux_loss(aux), {'loss': ce, **aux}
 
 
-def make_train_step(run: Run):
+def compiler_options(run: Run, tuned: bool = True) -> dict | None:
+  """XLA options for the run's steps (xla_flags.py); `tuned` False: XLA's defaults."""
+  return xla_flags.compiler_options(run.mesh.devices.flat[0].platform) if tuned else None
+
+
+def make_train_step(run: Run, tuned: bool = True):
+  """The jitted train step; `tuned` False compiles it with XLA's default options (the
+  bench's `untuned` call, which measures what the project's options change)."""
   bad_limit = nonfinite.bad_step_limit(run.cfg.train)
 
   def step(state, batch):
@@ -132,11 +139,13 @@ def make_train_step(run: Run):
     if run.cfg.optimizer.scale_lr_mult != 1.0:  # the study knob: scale vectors' own LR
       metrics['scale_lr'] = metrics['lr'] * run.cfg.optimizer.scale_lr_mult
     return {**kept, 'step': state['step'] + 1}, metrics
-  return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
+  return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None),
+                 compiler_options=compiler_options(run, tuned))
 
 
 def make_eval_step(run: Run):
-  return jax.jit(lambda params, batch: loss_fn(run.graphdef, params, batch)[1]['loss'])
+  return jax.jit(lambda params, batch: loss_fn(run.graphdef, params, batch)[1]['loss'],
+                 compiler_options=compiler_options(run))
 
 
 def evaluate(run: Run, eval_step, params) -> float | None:

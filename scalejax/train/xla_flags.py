@@ -1,6 +1,6 @@
-"""Process settings that make XLA fast on CPU; `apply()` runs before JAX starts.
-
-Two things, both about how work is executed, never about what is computed:
+"""Settings that make XLA fast on CPU: `apply()` for the process, before JAX starts, and
+`compiler_options()` for each compiled step. All are about how work is executed,
+never about what is computed:
 
 - **Allocator.** XLA:CPU allocates each step's scratch buffer (tens of MiB) afresh.
   glibc serves blocks this large with `mmap` (or from per-thread heaps it unmaps when
@@ -10,8 +10,12 @@ Two things, both about how work is executed, never about what is computed:
   OS, which makes the faults disappear after the first step. Memory that the process
   frees is kept for reuse instead of returned; the peak is unchanged.
 - **XLA flags** appended to `XLA_FLAGS` (a flag the user already set wins).
+- **Compile options** of the train and eval steps (`compiler_options(platform)`; the
+  trainer passes them to `jax.jit`): `CPU_COMPILE_OPTIONS` on CPU, per step rather than in
+  `XLA_FLAGS`, which every backend's XLA parses (a TPU runtime built from another XLA
+  may not know a CPU option). An option the user set in `XLA_FLAGS` wins.
 
-`SCALEJAX_NO_TUNING=1` turns both off. `SCALEJAX_CPUS=0-3,6` (a CPU list as `taskset -c`
+`SCALEJAX_NO_TUNING=1` turns all of them off. `SCALEJAX_CPUS=0-3,6` (a CPU list as `taskset -c`
 takes it) pins the process to those CPUs before JAX sizes its thread pools, so trials
 run side by side do not share cores (the ablation harness's `--parallel`). Calling
 `apply()` after JAX has created its CPU client still helps the allocator partly, so it
@@ -27,6 +31,17 @@ import sys
 
 # Flags for every platform's XLA, appended unless the user set the same flag.
 XLA_FLAGS: tuple[str, ...] = ()
+
+# XLA:CPU's options for the jitted train and eval steps. By default XLA:CPU hands dots and
+# also reductions (with the elementwise ops feeding them) to YNNPACK; on this project's
+# models those reduction fusions (attention's softmax backward, the norms' statistics,
+# DNP's row sums) ran slower than XLA's own loops, and leaving YNNPACK the dots alone
+# made the step 0.89-0.94x as long at configs/shakespeare_char.py on a Zen 5 CPU, the
+# same losses to float32 rounding (`python -m scalejax.cli.bench --call=compiled,untuned`
+# measures it in one process; figures in docs/PERFORMANCE.md).
+CPU_COMPILE_OPTIONS: dict[str, object] = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT',
+}
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -55,6 +70,21 @@ def _append_xla_flags(flags) -> list[str]:
   if added:
     os.environ['XLA_FLAGS'] = ' '.join([current, *added]).strip()
   return added
+
+
+def tuning_off() -> bool:
+  return os.environ.get('SCALEJAX_NO_TUNING', '') not in ('', '0')
+
+
+def compiler_options(platform: str) -> dict[str, object] | None:
+  """The XLA options a step compiled for `platform` ('cpu', 'gpu', 'tpu') is given:
+  `CPU_COMPILE_OPTIONS` on CPU, less those the user set in XLA_FLAGS; None elsewhere
+  or with SCALEJAX_NO_TUNING."""
+  if platform != 'cpu' or tuning_off():
+    return None
+  user = {f.split('=')[0].lstrip('-') for f in os.environ.get('XLA_FLAGS', '').split()}
+  options = {k: v for k, v in CPU_COMPILE_OPTIONS.items() if k not in user}
+  return options or None
 
 
 def parse_cpus(spec: str) -> set[int]:
@@ -95,7 +125,7 @@ def apply() -> dict[str, bool]:
     return dict(_applied)
   if _pin():  # asked for by name, so not undone by SCALEJAX_NO_TUNING
     _applied['cpus'] = True
-  if os.environ.get('SCALEJAX_NO_TUNING', '') not in ('', '0'):
+  if tuning_off():
     _applied.update(malloc=False, xla_flags=False)
     return dict(_applied)
   _applied['malloc'] = _tune_glibc_malloc()
