@@ -97,6 +97,23 @@ def test_the_full_suite_holds_every_cell_of_the_full_budget_study():
   assert len(set(key.values())) == len(key) - 3
 
 
+def test_train_command_overrides_parse_to_the_trial_values(monkeypatch):
+  # What a trial's process sees: each --config.KEY=VALUE parsed by the train command's
+  # flags, a tuple field included (DNP on v, gate, up only).
+  from scalejax.cli import train as train_cli
+  trial, = [t for t in study.make_trials(study.SUITES['full'], ['dnp_no_qk'], [0], ['adamw'],
+                                         ['cosine'], [None], {})]
+  argv = study.train_command(TINY, '/tmp/x', trial)[3:]  # after python -m scalejax.cli.train
+  monkeypatch.setattr(sys, 'argv', ['train', *argv])  # ml_collections reads overrides here
+  cfg = common.parse_flags(train_cli.define_flags, argv).config
+  for key, value in trial.overrides:
+    node = cfg
+    for part in key.split('.'):
+      node = node[part]
+    assert node == value, key
+  assert cfg.model.dual_targets == ('v', 'gate', 'up')
+
+
 def test_suites_and_dedup():
   assert set(study.PAPER) == {'baseline', 'no_scale', 'decay_all', 'decay_none', 'decay_iwd',
                               'hg', 'dp', 'dnp', 'magdir', 'magdir_unit', 'unified',

@@ -211,7 +211,9 @@ def run_dir_name(trial: Trial) -> str:
 
 
 def _cli_value(v) -> str:
-  return str(v) if not isinstance(v, (tuple, list)) else ','.join(map(str, v))
+  # A tuple as a Python literal: ml_collections parses a tuple field's override that
+  # way ('v,gate,up' would not be three names).
+  return repr(tuple(v)) if isinstance(v, (tuple, list)) else str(v)
 
 
 def train_command(config_path: str, workdir: str, trial: Trial) -> list[str]:
