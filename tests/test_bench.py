@@ -63,6 +63,8 @@ def test_run_metadata_and_table(short_run):
   assert out['call'] == 'compiled'  # the default: the compiled executable alone
   assert out['machine']['platform'] == 'cpu' and out['machine']['cpu_count'] >= 1
   assert out['machine']['tuning']['malloc'] is sys.platform.startswith('linux')
+  # the XLA options the steps were compiled with, as this environment gives them
+  assert out['machine']['compile_options'] == xla_flags.compiler_options('cpu')
   assert {'date', 'load_avg_start', 'load_avg_end', 'model', 'batch_size', 'seq_len'} <= set(out)
   assert 'baseline' in stdout and 'unified' in stdout and 'MFU' in stdout
 

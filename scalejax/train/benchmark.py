@@ -242,7 +242,8 @@ def machine() -> dict:
               device_count=jax.device_count(), cpu_count=os.cpu_count(),
               processor=platform.processor() or platform.machine(),
               jax=jax.__version__, python=platform.python_version(),
-              xla_flags=os.environ.get('XLA_FLAGS', ''), tuning=xla_flags.apply())
+              xla_flags=os.environ.get('XLA_FLAGS', ''), tuning=xla_flags.apply(),
+              compile_options=xla_flags.compiler_options(dev.platform))
   info['cpu_model'] = metrics.cpu_model()
   return info
 

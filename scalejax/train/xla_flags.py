@@ -35,10 +35,11 @@ XLA_FLAGS: tuple[str, ...] = ()
 # XLA:CPU's options for the jitted train and eval steps. By default XLA:CPU hands dots and
 # also reductions (with the elementwise ops feeding them) to YNNPACK; on this project's
 # models those reduction fusions (attention's softmax backward, the norms' statistics,
-# DNP's row sums) ran slower than XLA's own loops, and leaving YNNPACK the dots alone
-# made the step 0.89-0.94x as long at configs/shakespeare_char.py on a Zen 5 CPU, the
-# same losses to float32 rounding (`python -m scalejax.cli.bench --call=compiled,untuned`
-# measures it in one process; figures in docs/PERFORMANCE.md).
+# DNP's row sums) ran slower than XLA's own loops. YNNPACK for the dots alone made
+# `unified`'s step 0.95x (configs/shakespeare_char.py) and 0.90x (configs/bench_mid.py) as
+# long on a Zen 5 CPU, the baseline's 0.95-1.01x, with the same losses to float32
+# rounding (`python -m scalejax.cli.bench --call=compiled,untuned` measures it in one
+# process; figures in docs/PERFORMANCE.md).
 CPU_COMPILE_OPTIONS: dict[str, object] = {
     'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT',
 }
