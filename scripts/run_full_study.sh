@@ -16,7 +16,9 @@
 #   batch     global batch 12/48/192 at a fixed token budget (3 seeds): baseline,
 #             no_scale, unified; LR scaled by the square root of the batch ratio (Adam),
 #             warmup kept at the same number of tokens
-# After the stages, `python -m scalejax.studies.claims --out OUT` writes the claims table.
+# After the stages, `python -m scalejax.studies.claims --out OUT` writes the claims table
+# (`--out docs/results/full --results docs/RESULTS.md`: from the published studies, and
+# the report's copy of the table too).
 # Every stage needs the sweep's winners: it reads them from OUT/sweep_<corpus>/summary.json
 # (or the published one, below) and refuses to go on if a winner sits at the edge of the
 # grid (widen $LRS and rerun).

@@ -180,3 +180,31 @@ def test_a_missing_study_folder_is_one_clear_error(tmp_path):
   fv = common.parse_flags(claims.define_flags, ['--out', str(tmp_path / 'nowhere')])
   with pytest.raises(FileNotFoundError, match='run scripts/run_full_study.sh'):
     claims.main(['claims'], fv)
+
+
+def test_results_block_is_rewritten_with_the_rows_that_ran(study, tmp_path):
+  report = tmp_path / 'RESULTS.md'
+  before, after = '# Results\n\nProse above.\n\n', '\nProse below.\n'
+  report.write_text(f'{before}{claims.RESULTS_BEGIN}\nan old table\n{claims.RESULTS_END}{after}')
+  fv = common.parse_flags(claims.define_flags, ['--out', str(study), '--results', str(report)])
+  rep = claims.main(['claims'], fv)
+  text = report.read_text()
+  assert text.startswith(before) and text.endswith(claims.RESULTS_END + after)
+  assert 'an old table' not in text
+  rows = rep['claims'] + rep['beyond']
+  ran = [r for r in rows if r['n'] > 0]
+  assert f'{len(ran)} of the {len(rows)} comparisons have run.' in text
+  table = [l for l in text.splitlines() if l.startswith('| ')]
+  assert len(table) == 1 + len(ran)  # the header and one line per row that ran
+  assert any("no_scale − baseline, both at the baseline's best LR" in l for l in table)
+  assert not any('not run yet' in l for l in table)
+
+
+def test_results_file_without_the_block_is_one_error_and_left_as_it_is(study, tmp_path):
+  report = tmp_path / 'RESULTS.md'
+  report.write_text('# Results\n')
+  fv = common.parse_flags(claims.define_flags, ['--out', str(study), '--results', str(report),
+                                                '--markdown', str(tmp_path / 'c.md')])
+  with pytest.raises(ValueError, match='has no claims block; put the lines'):
+    claims.main(['claims'], fv)
+  assert report.read_text() == '# Results\n' and not (tmp_path / 'c.md').exists()

@@ -35,7 +35,7 @@ COMMANDS = {
     'scalejax.studies.ablation': ('config', 'out', 'suite', 'variants', 'seeds', 'optimizers',
                                   'schedules', 'lrs', 'parallel', 'set', 'reuse', 'restore',
                                   'aggregate_only'),
-    'scalejax.studies.claims': ('out', 'markdown'),
+    'scalejax.studies.claims': ('out', 'markdown', 'results'),
     'scalejax.studies.quant_study': ('runs', 'out', 'formats', 'modes', 'group_sizes', 'step',
                                      'eval_batches', 'replot'),
     'scalejax.studies.inspect_scales': ('runs', 'out', 'steps', 'print_report'),
@@ -55,6 +55,8 @@ BAD_INPUT = {
     ('-m', 'scalejax.cli.aot'): ('scalejax.cli.aot', '--config is required (or --fusion)'),
     ('-m', 'scalejax.studies.claims', '--out', 'no/such/study'):
         ('scalejax.studies.claims', '--out no/such/study: no such folder'),
+    ('-m', 'scalejax.studies.claims', '--out', 'docs/results/full', '--results', 'no/such.md'):
+        ('scalejax.studies.claims', '--results no/such.md: no such file'),
 }
 
 

@@ -1,6 +1,7 @@
 r"""The claims table of the full-budget study: each claim of the paper, measured.
 
-    python -m scalejax.studies.claims --out runs/full [--markdown runs/full/claims.md]
+    python -m scalejax.studies.claims --out runs/full [--markdown runs/full/claims.md] \
+        [--results docs/RESULTS.md]
 
 Reads the study folders `scripts/run_full_study.sh` writes under OUT (each with the
 `summary.json` of `scalejax.studies.ablation`) and compares cells *across* them, which
@@ -15,6 +16,10 @@ seed (same seed = same data order). Per row:
     at least two seeds; the verdict uses the corrected p: "supports" when the sign is the
     one the paper predicts, "against" when it is the opposite, "not resolved" otherwise;
   * for the sandwich rows, the decay budget prod_t(1 − lr_t·wd) of the decayed scales.
+
+`--results FILE` also rewrites the block of FILE between the lines `RESULTS_BEGIN` and
+`RESULTS_END`: how many comparisons have run and one table of those rows, so a report's
+copy of the table is never edited by hand.
 
 The power note gives, per corpus, the smallest |Δ| a paired t-test on n seeds detects
 with 80 % power at 5 % (two-sided), from the median std of the paired differences
@@ -313,8 +318,11 @@ def _f(x, spec='+.4f'):
 
 
 def markdown(measured: list[dict], title: str) -> str:
-  lines = [f'### {title}', '',
-           '| claim | comparison | corpus | LR (x / ref) | seeds | Δ ± 95 % CI | effect (ref std) '
+  return '\n'.join([f'### {title}', '', *table_lines(measured)]) + '\n'
+
+
+def table_lines(measured: list[dict]) -> list[str]:
+  lines = ['| claim | comparison | corpus | LR (x / ref) | seeds | Δ ± 95 % CI | effect (ref std) '
            '| p | Holm p | verdict |', '|---|---|---|---|---|---|---|---|---|---|']
   for r in measured:
     lrs = f'{_f(r["lr_x"], "g")} / {_f(r["lr_ref"], "g")}'
@@ -324,7 +332,27 @@ def markdown(measured: list[dict], title: str) -> str:
     lines.append(f'| {r["claim"]} | {what} | {r["corpus"]} | {lrs} | {r["n"]} | {delta} '
                  f'| {_f(r["effect"], "+.2f")} | {_f(r["p"], ".3g")} | {_f(r.get("p_holm"), ".3g")} '
                  f'| {r["verdict"]} |')
-  return '\n'.join(lines) + '\n'
+  return lines
+
+
+RESULTS_BEGIN = '<!-- claims table: begin (python -m scalejax.studies.claims --results) -->'
+RESULTS_END = '<!-- claims table: end -->'
+
+
+def update_results(path: str, measured: list[dict]) -> None:
+  """Rewrites the block of `path` between RESULTS_BEGIN and RESULTS_END with the rows of
+  `measured` that have run; a file without the block is left as it is (ValueError)."""
+  with open(path) as f:
+    text = f.read()
+  begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
+  if begin < 0 or end < begin:
+    raise ValueError(f'--results {path} has no claims block; put the lines {RESULTS_BEGIN} '
+                     f'and {RESULTS_END} where the table goes')
+  ran = [r for r in measured if r['n'] > 0]
+  block = [RESULTS_BEGIN, '', f'{len(ran)} of the {len(measured)} comparisons have run.', '',
+           *table_lines(ran), '']
+  with open(path, 'w') as f:
+    f.write(text[:begin] + '\n'.join(block) + '\n' + text[end:])
 
 
 def sweep_markdown(study: Study) -> str:
@@ -396,7 +424,7 @@ def plot_batch_trend(measured: list[dict], path: str) -> str | None:
   return path
 
 
-def report(out: str, md_path: str | None = None) -> dict:
+def report(out: str, md_path: str | None = None, results: str | None = None) -> dict:
   study = Study(out)
   decays = sorted((d.split('sandwich_wd')[1] for d in os.listdir(out)
                    if d.startswith('sandwich_wd')), key=float) if os.path.isdir(out) else []
@@ -404,6 +432,8 @@ def report(out: str, md_path: str | None = None) -> dict:
                     and d.startswith('batch')) if os.path.isdir(out) else [])
   claims = measure(study, claim_rows(decays))
   extra = measure(study, open_rows(batches))
+  if results:  # first: a file without the block stops the command before it writes
+    update_results(results, claims + extra)
   power = power_note(claims + extra)
   parts = [sweep_markdown(study), markdown(claims, 'The paper\'s claims'),
            markdown(extra, 'Beyond the paper'), '### Power', '']
@@ -438,6 +468,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
   flags.DEFINE_string('markdown', None, 'where the table goes (default OUT/claims.md; a '
                       '.json and claims.png are written next to it)', flag_values=fv)
+  flags.DEFINE_string('results', None, 'also rewrite the claims block of this file (e.g. '
+                      'docs/RESULTS.md): the rows that have run', flag_values=fv)
   flags.mark_flags_as_required(['out'], flag_values=fv)
 
 
@@ -446,7 +478,9 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   if not os.path.isdir(fv.out):
     raise FileNotFoundError(f'--out {fv.out}: no such folder; run scripts/run_full_study.sh '
                             f'{fv.out} first')
-  rep = report(fv.out, fv.markdown)
+  if fv.results and not os.path.isfile(fv.results):
+    raise FileNotFoundError(f'--results {fv.results}: no such file')
+  rep = report(fv.out, fv.markdown, fv.results)
   print(rep['markdown'])
   return rep
 
