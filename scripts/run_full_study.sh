@@ -30,12 +30,15 @@
 # Env: PARALLEL (2: two trials at once, each pinned to half the CPUs; on a 2-core CPU
 # that gave 1.39x the throughput of one trial on both cores), SEEDS (0,1,2,3,4),
 # LRS (2.5e-4,5e-4,1e-3,2e-3,4e-3,8e-3: at 5e-4 unified's best sat at the lower edge),
-# SCALE_DECAYS (0.1 0.3 1.0), BATCH_SEEDS (0,1,2), PUBLISHED (docs/results/full).
+# SCALE_DECAYS (0.1 0.3 1.0), BATCH_SEEDS (0,1,2), PUBLISHED (docs/results/full),
+# PUBLISH_ONLY (1: train nothing; publish what each named stage has finished, with what
+# its published copy already listed: how a stopped study's trials reach a commit).
 set -euo pipefail
 OUT=${1:-runs/full}
 shift || true
 STAGES=${*:-sweep pre sandwich qk stdlib post batch}
 PARALLEL=${PARALLEL:-2}
+PUBLISH_ONLY=${PUBLISH_ONLY:-0}
 SEEDS=${SEEDS:-0,1,2,3,4}
 LRS=${LRS:-2.5e-4,5e-4,1e-3,2e-3,4e-3,8e-3}
 SCALE_DECAYS=${SCALE_DECAYS:-0.1 0.3 1.0}
@@ -50,14 +53,18 @@ PRE=baseline,no_scale,unified,dnp,hg,dp,magdir,magdir_unit,unified_nohg,unified_
 # command but for its folder, e.g. seed 0 of the sweep's winner) is copied, and one its
 # published copy lists is restored: neither is trained again.
 study() {
-  local name=$1 restore=()
+  local name=$1 restore=() only=()
   shift
   if [[ -d $PUBLISHED/$name ]]; then
     restore=(--restore "$PUBLISHED/$name")
   fi
+  if [[ $PUBLISH_ONLY == 1 ]]; then
+    [[ -d $OUT/$name/trials ]] || { echo "$name: no trials here, nothing to publish"; return; }
+    only=(--aggregate_only)
+  fi
   python -m scalejax.studies.ablation "${COMMON[@]}" --out "$OUT/$name" \
     --reuse "$(find "$OUT" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | sort | paste -sd, -)" \
-    "${restore[@]}" "$@"
+    "${restore[@]}" "${only[@]}" "$@"
   mkdir -p "$PUBLISHED/$name"
   if [[ ! "$OUT/$name" -ef "$PUBLISHED/$name" ]]; then
     cp "$OUT/$name/results.md" "$OUT/$name/summary.json" "$PUBLISHED/$name/"

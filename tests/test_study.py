@@ -333,6 +333,21 @@ def test_a_published_study_restores_into_an_empty_folder(tmp_path, monkeypatch, 
   assert _evals(trial) == _evals(tmp_path / 'a' / 'trials' / f'no_scale-{GROUP}-s1')
 
 
+def test_aggregate_only_reports_the_published_trials_and_trains_nothing(tmp_path, monkeypatch):
+  # How a stopped study is published: the report of what finished here and what the
+  # published copy already listed, nothing trained (PUBLISH_ONLY=1 in the full study).
+  ran = _fake_training(monkeypatch)
+  rep = _main([*STUDY, '--seeds', '0,1', '--out', str(tmp_path / 'a')])
+  pub = _publish(tmp_path / 'a', tmp_path / 'pub' / 'a')
+  ran.clear()
+  again = _main([*STUDY, '--seeds', '0,1,2', '--out', str(tmp_path / 'b'), '--restore', str(pub),
+                 '--aggregate_only'])
+  assert ran == []  # seed 2 neither ran nor was invented
+  assert again['summary'] == rep['summary'] and again['table'] == rep['table']
+  doc = json.loads((tmp_path / 'b' / 'summary.json').read_text())
+  assert sorted(doc['trials']) == sorted(json.loads((pub / 'summary.json').read_text())['trials'])
+
+
 def test_an_older_summary_restores_the_final_loss_of_each_seed(tmp_path, monkeypatch, capsys):
   """Summaries published before "trials" existed hold the final loss per (group,
   variant, seed) only: that is restored, without a curve; the curves plot draws the
@@ -404,10 +419,9 @@ def test_a_bad_restore_folder_is_one_error_line(tmp_path):
   assert not (tmp_path / 'o' / 'trials').exists()
 
 
-def test_the_full_study_resumes_from_and_publishes_to_published(tmp_path):
-  """Each study restores from PUBLISHED/<its folder> when that exists and copies its
-  results there; the sweep's winners come from the published sweep when this machine
-  has none. `python` is faked: studies are logged, anything else runs."""
+def _full_study(tmp_path, env=None, prepare=lambda out: None):
+  """scripts/run_full_study.sh OUT pre with `python` faked (studies are logged, anything
+  else runs) and a published sweep; returns (published folder, OUT, logged commands)."""
   pub, out, log = tmp_path / 'pub', tmp_path / 'out', tmp_path / 'log'
   sweep = {f'adamw-cosine-lr{lr:g}': {v: {'n': 1, 'mean': 1.0 + abs(lr - 1e-3)}
                                       for v in ('baseline', 'no_scale', 'unified')}
@@ -434,12 +448,21 @@ fi
 exec {sys.executable} "$@"
 """)
   fake.chmod(0o755)
+  prepare(out)
   proc = subprocess.run(['bash', 'scripts/run_full_study.sh', str(out), 'pre'], cwd=ROOT,
                         capture_output=True, text=True, timeout=60,
                         env=dict(os.environ, PATH=f'{fake.parent}:{os.environ["PATH"]}',
-                                 PUBLISHED=str(pub)))
+                                 PUBLISHED=str(pub), **(env or {})))
   assert proc.returncode == 0, proc.stderr
-  pre, no_scale, unified, claims = log.read_text().splitlines()
+  return pub, out, log.read_text().splitlines()
+
+
+def test_the_full_study_resumes_from_and_publishes_to_published(tmp_path):
+  """Each study restores from PUBLISHED/<its folder> when that exists and copies its
+  results there; the sweep's winners come from the published sweep when this machine
+  has none."""
+  pub, out, logged = _full_study(tmp_path)
+  pre, no_scale, unified, claims = logged
   assert f'--out {out}/pre_shakespeare_char' in pre and '--lrs 0.001' in pre
   assert f'--restore {pub}/pre_shakespeare_char' in pre
   assert f'--out {out}/retuned_no_scale_shakespeare_char' in no_scale
@@ -449,3 +472,14 @@ exec {sys.executable} "$@"
     assert sorted(p.name for p in (pub / name).iterdir()) == [
         'curves_g.png', 'results.md', 'summary.json']
     assert json.loads((pub / name / 'summary.json').read_text())['new'] == 1
+
+
+def test_publish_only_reports_the_studies_that_have_trials_and_trains_nothing(tmp_path):
+  pub, out, logged = _full_study(
+      tmp_path, env={'PUBLISH_ONLY': '1'},
+      prepare=lambda out: (out / 'pre_shakespeare_char' / 'trials').mkdir(parents=True))
+  studies = [c for c in logged if 'scalejax.studies.ablation' in c]
+  assert len(studies) == 1  # the retuned studies have no trials here: skipped
+  assert f'--out {out}/pre_shakespeare_char' in studies[0] and '--aggregate_only' in studies[0]
+  assert f'--restore {pub}/pre_shakespeare_char' in studies[0]
+  assert json.loads((pub / 'pre_shakespeare_char' / 'summary.json').read_text())['new'] == 1

@@ -580,7 +580,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_list('restore', [], 'published copies of studies (folders holding a '
                     'summary.json, e.g. docs/results/full/pre_shakespeare_char): a trial they '
                     'list is rebuilt from them, not trained', flag_values=fv)
-  flags.DEFINE_bool('aggregate_only', False, 'only rebuild the report', flag_values=fv)
+  flags.DEFINE_bool('aggregate_only', False, 'only rebuild the report (of the finished trials '
+                    'and those --restore holds); train nothing', flag_values=fv)
   flags.mark_flags_as_required(['config', 'out'], flag_values=fv)
 
 
@@ -615,14 +616,16 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   for t in trials:
     unique.setdefault(dirs[t], t)
   os.makedirs(out, exist_ok=True)
+  # Published trials are restored first, also for --aggregate_only: a report rebuilt
+  # from a partly run folder then still lists every trial the published one had.
+  todo = [(d, t) for d, t in unique.items() if not os.path.exists(os.path.join(d, 'result.json'))]
+  restored = 0
+  for d, t in todo:
+    cmd = train_command(config_path, d, t)
+    if found := find_published(published, t, cmd):
+      restore_trial(d, cmd, *found)
+      restored += 1
   if not fv.aggregate_only:
-    todo = [(d, t) for d, t in unique.items() if not os.path.exists(os.path.join(d, 'result.json'))]
-    restored = 0
-    for d, t in todo:
-      cmd = train_command(config_path, d, t)
-      if found := find_published(published, t, cmd):
-        restore_trial(d, cmd, *found)
-        restored += 1
     todo = [(d, t) for d, t in todo if not os.path.exists(os.path.join(d, 'result.json'))]
     done_elsewhere = finished_runs([os.path.abspath(r) for r in fv.reuse])
     copies = [(d, done_elsewhere[key]) for d, t in todo
