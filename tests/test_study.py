@@ -103,7 +103,9 @@ def test_train_command_overrides_parse_to_the_trial_values(monkeypatch):
   from scalejax.cli import train as train_cli
   trial, = [t for t in study.make_trials(study.SUITES['full'], ['dnp_no_qk'], [0], ['adamw'],
                                          ['cosine'], [None], {})]
-  argv = study.train_command(TINY, '/tmp/x', trial)[3:]  # after python -m scalejax.cli.train
+  command = study.train_command(TINY, '/tmp/x', trial)
+  assert ' '.join(command).split(' ') == command  # stored joined by spaces, split again
+  argv = command[3:]  # after python -m scalejax.cli.train
   monkeypatch.setattr(sys, 'argv', ['train', *argv])  # ml_collections reads overrides here
   cfg = common.parse_flags(train_cli.define_flags, argv).config
   for key, value in trial.overrides:

@@ -32,7 +32,6 @@ training command as any checkout runs it, and its eval curve): enough to restore
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import importlib.util
@@ -52,7 +51,7 @@ from absl import flags
 
 from scalejax.cli import common
 from scalejax.scales import variants as variants_lib
-from scalejax.studies.common import ROOT, paired_difference, parse_sets
+from scalejax.studies.common import ROOT, apply_overrides, paired_difference, parse_sets
 
 BASELINE = 'baseline'
 
@@ -175,12 +174,7 @@ def resolved_key(base_cfg, trial: Trial) -> str:
   """Canonical JSON of the trial's full config; equal keys are the same run."""
   cfg = base_cfg.copy_and_resolve_references()
   cfg.unlock()
-  for k, v in trial.overrides:
-    node = cfg
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
+  apply_overrides(cfg, trial.overrides)
   # The decay policy matters only through the rates of the roles the model has: in a
   # plain Pre-Norm model (no Output-Norm scales) 'iwd' and 'all' are the same run.
   from scalejax.train import optim
@@ -211,9 +205,12 @@ def run_dir_name(trial: Trial) -> str:
 
 
 def _cli_value(v) -> str:
-  # A tuple as a Python literal: ml_collections parses a tuple field's override that
-  # way ('v,gate,up' would not be three names).
-  return repr(tuple(v)) if isinstance(v, (tuple, list)) else str(v)
+  # A tuple as a Python literal, which is how ml_collections parses a tuple field's
+  # override ('v,gate,up' would not be three names), written without spaces: a trial's
+  # command is stored joined by spaces and split on them again (run_identity).
+  if isinstance(v, (tuple, list)):
+    return '(' + ','.join(map(repr, v)) + ',)'
+  return str(v)
 
 
 def train_command(config_path: str, workdir: str, trial: Trial) -> list[str]:
