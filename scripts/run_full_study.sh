@@ -9,8 +9,9 @@
 #   pre       Pre-Norm suite on tinyshakespeare at the baseline's best LR; no_scale and
 #             unified also at their own best LR (removal "after retuning")
 #   sandwich  IWD where Output-Norms exist: sandwich placement + QK-norm, decay policies
-#             none/all/iwd at optimizer.scale_decay in $SCALE_DECAYS
+#             none/all/iwd at optimizer.scale_decay in $SCALE_DECAYS (each corpus)
 #   qk        DNP against QK-norm: baseline@qk, dnp@qk, unified@qk, DNP on v/gate/up only
+#             (each corpus)
 #   stdlib    the Pre-Norm suite on the Python-stdlib corpus
 #   post      Post-Norm on tinyshakespeare: baseline, no_scale, decay policies, unified_nohg
 #   batch     global batch 12/48/192 at a fixed token budget (3 seeds): baseline,
@@ -30,7 +31,8 @@
 # Env: PARALLEL (2: two trials at once, each pinned to half the CPUs; on a 2-core CPU
 # that gave 1.39x the throughput of one trial on both cores), SEEDS (0,1,2,3,4),
 # LRS (2.5e-4,5e-4,1e-3,2e-3,4e-3,8e-3: at 5e-4 unified's best sat at the lower edge),
-# SCALE_DECAYS (0.1 0.3 1.0), BATCH_SEEDS (0,1,2), PUBLISHED (docs/results/full),
+# SCALE_DECAYS (0.1 0.3 1.0), CORPORA of the sandwich and qk stages (shakespeare_char
+# study_stdlib), BATCH_SEEDS (0,1,2), PUBLISHED (docs/results/full),
 # PUBLISH_ONLY (1: train nothing; publish what each named stage has finished, with what
 # its published copy already listed: how a stopped study's trials reach a commit).
 set -euo pipefail
@@ -42,6 +44,7 @@ PUBLISH_ONLY=${PUBLISH_ONLY:-0}
 SEEDS=${SEEDS:-0,1,2,3,4}
 LRS=${LRS:-2.5e-4,5e-4,1e-3,2e-3,4e-3,8e-3}
 SCALE_DECAYS=${SCALE_DECAYS:-0.1 0.3 1.0}
+CORPORA=${CORPORA:-shakespeare_char study_stdlib}
 BATCH_SEEDS=${BATCH_SEEDS:-0,1,2}
 PUBLISHED=${PUBLISHED:-docs/results/full}
 SHAKESPEARE=configs/shakespeare_char.py
@@ -119,15 +122,19 @@ for stage in $STAGES; do
       done ;;
     pre) pre_norm_suite shakespeare_char ;;
     sandwich)
-      lr=$(best baseline shakespeare_char)
-      for wd in $SCALE_DECAYS; do
-        study "sandwich_wd$wd" --config $SHAKESPEARE --set optimizer.scale_decay="$wd" \
-          --variants baseline@sandwich,decay_all@sandwich,decay_iwd@sandwich --seeds "$SEEDS" --lrs "$lr"
+      for c in $CORPORA; do
+        lr=$(best baseline "$c")
+        for wd in $SCALE_DECAYS; do
+          study "sandwich_${c}_wd$wd" --config "configs/$c.py" --set optimizer.scale_decay="$wd" \
+            --variants baseline@sandwich,decay_all@sandwich,decay_iwd@sandwich --seeds "$SEEDS" --lrs "$lr"
+        done
       done ;;
     qk)
-      lr=$(best baseline shakespeare_char)
-      study qk_shakespeare_char --config $SHAKESPEARE \
-        --variants baseline@qk,dnp@qk,unified@qk,dnp,dnp_no_qk --seeds "$SEEDS" --lrs "$lr" ;;
+      for c in $CORPORA; do
+        lr=$(best baseline "$c")
+        study "qk_$c" --config "configs/$c.py" \
+          --variants baseline@qk,dnp@qk,unified@qk,dnp,dnp_no_qk --seeds "$SEEDS" --lrs "$lr"
+      done ;;
     stdlib) pre_norm_suite study_stdlib ;;
     post)
       lr=$(best baseline shakespeare_char)

@@ -70,14 +70,14 @@ def study(tmp_path):
   # The retuned runs sit at their own LR; their seeds pair with the Pre-Norm baseline's.
   _summary(out / 'retuned_no_scale_shakespeare_char', {'adamw-cosine-lr0.002': {
       'baseline': [1.72] * 5, 'no_scale': [b + 0.01 for b in BASE[:4]]}})
-  _summary(out / 'sandwich_wd0.3', {'adamw-cosine-lr0.001@sandwich': {
+  _summary(out / 'sandwich_shakespeare_char_wd0.3', {'adamw-cosine-lr0.001@sandwich': {
       'baseline@sandwich': BASE, 'decay_all@sandwich': BASE,
       'decay_iwd@sandwich': [b - 0.002 for b in BASE]}})
   for b, gap in ((12, 0.03), (48, 0.02)):  # each batch at its own (scaled) LR
     _summary(out / f'batch{b}', {f'adamw-cosine-lr{1e-3 * (b / 12) ** 0.5:g}': {
         'baseline': BASE[:3], 'no_scale': [x + gap for x in BASE[:3]],
         'unified': [x - gap + 0.001 * i for i, x in enumerate(BASE[:3])]}})
-  trial = out / 'sandwich_wd0.3' / 'trials' / 'decay_iwd@sandwich-adamw-cosine-lr0.001-s0'
+  trial = out / 'sandwich_shakespeare_char_wd0.3' / 'trials' / 'decay_iwd@sandwich-adamw-cosine-lr0.001-s0'
   trial.mkdir(parents=True)
   opt = {**optim.default_config().to_dict(), 'schedule': 'constant', 'warmup_steps': 0,
          'scale_decay': 0.3}
@@ -155,12 +155,39 @@ def test_claims_compare_across_folders_pair_by_seed_and_correct_for_the_family(s
   assert 'shakespeare_char' in saved['power'] and saved['plots'] == ['claims.png', 'batch_trend.png']
 
 
+def test_the_iwd_and_qk_stages_of_each_corpus_are_rows_of_that_corpus(study):
+  # The second corpus's IWD stage (its own folder per scale decay) and its DNP-against-
+  # QK-norm stage compare at that corpus's baseline LR, paired by seed as on the first.
+  _summary(study / 'sweep_study_stdlib', {
+      'adamw-cosine-lr0.0005': {'baseline': [1.30]}, 'adamw-cosine-lr0.001': {'baseline': [1.22]},
+      'adamw-cosine-lr0.002': {'baseline': [1.25]}})
+  stdlib = [1.22, 1.23, 1.21, 1.22, 1.24]
+  _summary(study / 'sandwich_study_stdlib_wd1.0', {'adamw-cosine-lr0.001@sandwich': {
+      'baseline@sandwich': stdlib, 'decay_all@sandwich': [b + 0.05 for b in stdlib],
+      'decay_iwd@sandwich': [b + 0.01 for b in stdlib]}})
+  _summary(study / 'qk_study_stdlib', {'adamw-cosine-lr0.001': {
+      'baseline@qk': stdlib, 'dnp@qk': [b - 0.004 for b in stdlib]}})
+  assert claims.sandwich_decays(str(study)) == {'shakespeare_char': ['0.3'],
+                                                'study_stdlib': ['1.0']}
+  rows = claims.main(['claims'], common.parse_flags(claims.define_flags,
+                                                    ['--out', str(study)]))['claims']
+  all_ = _row(rows, 'iwd − all @sandwich, scale decay 1.0', 'study_stdlib')
+  none = _row(rows, 'iwd − none @sandwich, scale decay 1.0', 'study_stdlib')
+  assert (all_['diff'], none['diff']) == (pytest.approx(-0.04), pytest.approx(0.01))
+  assert (all_['verdict'], none['verdict'], all_['lr_x']) == ('supports', 'against', 1e-3)
+  assert not [r for r in rows if r['what'].endswith('scale decay 1.0')
+              and r['corpus'] == 'shakespeare_char']
+  qk = _row(rows, 'dnp@qk − baseline@qk (both with QK-norm)', 'study_stdlib')
+  assert qk['n'] == 5 and qk['diff'] == pytest.approx(-0.004)
+  assert _row(rows, 'unified@qk − baseline@qk', 'study_stdlib')['verdict'] == 'not run yet'
+
+
 def test_decay_budget_of_a_published_stage_comes_from_its_commands(study):
   # A published stage has summary.json but no trial folders: the budget is that of the
   # config its command names, with the command's overrides (cosine schedule, warmup).
   import shutil
-  shutil.rmtree(study / 'sandwich_wd0.3' / 'trials')
-  summary = json.loads((study / 'sandwich_wd0.3' / 'summary.json').read_text())
+  shutil.rmtree(study / 'sandwich_shakespeare_char_wd0.3' / 'trials')
+  summary = json.loads((study / 'sandwich_shakespeare_char_wd0.3' / 'summary.json').read_text())
   command = ('python -m scalejax.cli.train --config=configs/shakespeare_char.py '
              '--config.model.placement=sandwich --config.optimizer.lr=0.002 '
              '--config.optimizer.norm_decay=iwd --config.optimizer.scale_decay=0.3 '
@@ -168,7 +195,7 @@ def test_decay_budget_of_a_published_stage_comes_from_its_commands(study):
              '--config.seed=1 --config.train.steps=400')
   summary['trials'] = {'decay_iwd@sandwich-adamw-cosine-lr0.002-s1': {
       'variant': 'decay_iwd@sandwich', 'seed': 1, 'result': {'command': command}}}
-  (study / 'sandwich_wd0.3' / 'summary.json').write_text(json.dumps(summary))
+  (study / 'sandwich_shakespeare_char_wd0.3' / 'summary.json').write_text(json.dumps(summary))
   rep = claims.main(['claims'], common.parse_flags(claims.define_flags, ['--out', str(study)]))
   iwd = _row(rep['claims'], 'iwd − all @sandwich, scale decay 0.3')
   # the constant LR 0.002 for 400 steps, the config file's scale LR multiplier

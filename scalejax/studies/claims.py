@@ -76,8 +76,9 @@ QK = 'DNP helps beyond normalizing q and k'
 UNIFIED = 'the unified recipe beats a tuned baseline'
 
 
-def claim_rows(sandwich_decays=()) -> list[Row]:
-  """The claims table; `sandwich_decays` are the scale-decay rates of the IWD stage."""
+def claim_rows(decays=None) -> list[Row]:
+  """The claims table; `decays` maps a corpus to the scale-decay rates its IWD stages ran
+  at (`sandwich_decays`)."""
   rows = []
   for c in CORPORA:
     pre = f'pre_{c}'
@@ -93,24 +94,38 @@ def claim_rows(sandwich_decays=()) -> list[Row]:
         Row(UNIFIED, 'unified at its best LR − baseline at its best LR', c,
             Cell(f'retuned_unified_{c}', 'unified', 'own'), Cell(pre, 'baseline'), -1),
     ]
-  sh = 'shakespeare_char'
-  for wd in sandwich_decays:
-    stage = f'sandwich_wd{wd}'
+  for c in CORPORA:
+    for wd in (decays or {}).get(c, ()):
+      stage = sandwich_stage(c, wd)
+      rows += [
+          Row(IWD, f'iwd − all @sandwich, scale decay {wd}', c,
+              Cell(stage, 'decay_iwd@sandwich'), Cell(stage, 'decay_all@sandwich'), -1, True),
+          Row(IWD, f'iwd − none @sandwich, scale decay {wd}', c,
+              Cell(stage, 'decay_iwd@sandwich'), Cell(stage, 'baseline@sandwich'), -1, True),
+      ]
+  for c in CORPORA:
+    qk = f'qk_{c}'
     rows += [
-        Row(IWD, f'iwd − all @sandwich, scale decay {wd}', sh,
-            Cell(stage, 'decay_iwd@sandwich'), Cell(stage, 'decay_all@sandwich'), -1, True),
-        Row(IWD, f'iwd − none @sandwich, scale decay {wd}', sh,
-            Cell(stage, 'decay_iwd@sandwich'), Cell(stage, 'baseline@sandwich'), -1, True),
+        Row(QK, 'dnp@qk − baseline@qk (both with QK-norm)', c,
+            Cell(qk, 'dnp@qk'), Cell(qk, 'baseline@qk'), -1),
+        Row(QK, 'dnp_no_qk − baseline (DNP on v, gate, up only)', c,
+            Cell(qk, 'dnp_no_qk'), Cell(qk, 'baseline'), -1),
+        Row(QK, 'unified@qk − baseline@qk', c, Cell(qk, 'unified@qk'), Cell(qk, 'baseline@qk'),
+            -1),
     ]
-  qk = 'qk_shakespeare_char'
-  rows += [
-      Row(QK, 'dnp@qk − baseline@qk (both with QK-norm)', sh,
-          Cell(qk, 'dnp@qk'), Cell(qk, 'baseline@qk'), -1),
-      Row(QK, 'dnp_no_qk − baseline (DNP on v, gate, up only)', sh,
-          Cell(qk, 'dnp_no_qk'), Cell(qk, 'baseline'), -1),
-      Row(QK, 'unified@qk − baseline@qk', sh, Cell(qk, 'unified@qk'), Cell(qk, 'baseline@qk'), -1),
-  ]
   return rows
+
+
+def sandwich_stage(corpus: str, wd) -> str:
+  """The folder of the IWD stage on `corpus` at scale decay `wd` (the script's name)."""
+  return f'sandwich_{corpus}_wd{wd}'
+
+
+def sandwich_decays(out: str) -> dict[str, list[str]]:
+  """{corpus: the scale-decay rates of its IWD stages under OUT}, each sorted."""
+  names = os.listdir(out) if os.path.isdir(out) else []
+  return {c: sorted((d.removeprefix(sandwich_stage(c, '')) for d in names
+                     if d.startswith(sandwich_stage(c, ''))), key=float) for c in CORPORA}
 
 
 POST = 'Post-Norm (the paper is Pre-Norm)'
@@ -421,11 +436,9 @@ def plot_batch_trend(measured: list[dict], path: str) -> str | None:
 
 def report(out: str, md_path: str | None = None, results: str | None = None) -> dict:
   study = Study(out)
-  decays = sorted((d.split('sandwich_wd')[1] for d in os.listdir(out)
-                   if d.startswith('sandwich_wd')), key=float) if os.path.isdir(out) else []
   batches = sorted((int(d[5:]) for d in os.listdir(out) if d[5:].isdigit()
                     and d.startswith('batch')) if os.path.isdir(out) else [])
-  claims = measure(study, claim_rows(decays))
+  claims = measure(study, claim_rows(sandwich_decays(out)))
   extra = measure(study, open_rows(batches))
   if results:  # first: a file without the block stops the command before it writes
     update_results(results, claims + extra)
