@@ -143,6 +143,11 @@ def test_claims_compare_across_folders_pair_by_seed_and_correct_for_the_family(s
   assert '| removing the scale vectors hurts | no_scale at its best LR − baseline at its best ' \
          'LR | shakespeare_char | 0.002 / 0.001 | 4 | +0.0100 ± 0.0000 |' in text
   assert '(decay budget 0.549)' in text
+  # Every cell's absolute numbers, the sweeps left out (their table is above).
+  assert (f'| pre_shakespeare_char | adamw-cosine-lr0.001 | no_scale | 5 | '
+          f'{np.mean(BASE) + 0.03:.4f} ± {np.std(BASE, ddof=1):.4f} |') in text
+  assert '| batch48 | adamw-cosine-lr0.002 | baseline | 3 |' in text
+  assert not [l for l in text.splitlines() if l.startswith('| sweep_')]
   assert (study / 'claims.png').read_bytes()[:4] == b'\x89PNG'
   saved = json.loads((study / 'claims.json').read_text())
   assert saved['claims'][0]['verdict'] == 'supports'

@@ -388,6 +388,23 @@ def sweep_markdown(study: Study) -> str:
   return '\n'.join(lines)
 
 
+def cells_markdown(study: Study) -> str:
+  """Every cell of every stage folder under OUT but the sweeps: its seeds and final eval
+  loss (mean ± seed std), the absolute numbers the paired rows are differences of."""
+  stages = sorted(d for d in os.listdir(study.out) if not d.startswith('sweep_')
+                  and os.path.isfile(os.path.join(study.out, d, 'summary.json')))
+  lines = ['### Cells', '', '| folder | group (optimizer-schedule-LR) | variant | seeds '
+           '| final eval loss (mean ± std) |', '|---|---|---|---|---|']
+  for stage in stages:
+    for group, rows in study.summary(stage).items():
+      for variant, r in rows.items():
+        losses = list(r['losses'].values())
+        sd = f' ± {np.std(losses, ddof=1):.4f}' if len(losses) > 1 else ''
+        lines.append(f'| {stage} | {group} | {variant} | {len(losses)} '
+                     f'| {np.mean(losses):.4f}{sd} |')
+  return '\n'.join(lines + [''])
+
+
 def plot(measured: list[dict], path: str) -> str:
   """Forest plot: every row's Δ with its CI, coloured by verdict."""
   import matplotlib
@@ -447,7 +464,7 @@ def report(out: str, md_path: str | None = None, results: str | None = None) -> 
     update_results(results, claims + extra)
   power = power_note(claims + extra)
   parts = [sweep_markdown(study), markdown(claims, 'The paper\'s claims'),
-           markdown(extra, 'Beyond the paper'), '### Power', '']
+           markdown(extra, 'Beyond the paper'), cells_markdown(study), '### Power', '']
   parts += [f'- `{c}`: the {p["rows"]} comparisons with {p["n"]} seeds have a median std of '
             f'the paired differences of {p["sd_diff"]:.4f}; the smallest |Δ| that {p["n"]} '
             f'seeds detect with 80 % power at 5 % is {p["detectable"]:.4f} (uncorrected; '
