@@ -134,7 +134,7 @@ def test_claims_compare_across_folders_pair_by_seed_and_correct_for_the_family(s
   assert list(batch) == ['no_scale − baseline, batch 12', 'unified − baseline, batch 12',
                          'no_scale − baseline, batch 48', 'unified − baseline, batch 48']
   assert batch['no_scale − baseline, batch 48']['diff'] == pytest.approx(0.02)
-  assert batch['unified − baseline, batch 48']['lr_x'] is None
+  assert batch['unified − baseline, batch 48']['lr_x'] == pytest.approx(2e-3)  # its folder's LR
   assert batch['unified − baseline, batch 12']['n'] == 3
   assert (study / 'batch_trend.png').read_bytes()[:4] == b'\x89PNG'
 

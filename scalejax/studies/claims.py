@@ -34,6 +34,7 @@ import glob
 import json
 import math
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -190,7 +191,10 @@ class Study:
       return self.best_lr(corpus, 'baseline')
     if cell.lr == 'own':
       return self.best_lr(corpus, cell.variant)
-    return None if cell.lr is None else float(cell.lr)
+    if cell.lr is None:  # the folder's only LR for this variant (e.g. a batch size's)
+      lrs = {group_lr(g) for g, rows in self.summary(cell.stage).items() if cell.variant in rows}
+      return lrs.pop() if len(lrs) == 1 else None
+    return float(cell.lr)
 
   def losses(self, cell: Cell, corpus: str) -> dict[int, float]:
     """{seed: final eval loss} of a cell; {} when it has not run (yet)."""
@@ -391,8 +395,9 @@ def sweep_markdown(study: Study) -> str:
 def cells_markdown(study: Study) -> str:
   """Every cell of every stage folder under OUT but the sweeps: its seeds and final eval
   loss (mean ± seed std), the absolute numbers the paired rows are differences of."""
-  stages = sorted(d for d in os.listdir(study.out) if not d.startswith('sweep_')
-                  and os.path.isfile(os.path.join(study.out, d, 'summary.json')))
+  stages = sorted((d for d in os.listdir(study.out) if not d.startswith('sweep_')
+                   and os.path.isfile(os.path.join(study.out, d, 'summary.json'))),
+                  key=lambda d: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', d)])
   lines = ['### Cells', '', '| folder | group (optimizer-schedule-LR) | variant | seeds '
            '| final eval loss (mean ± std) |', '|---|---|---|---|---|']
   for stage in stages:
