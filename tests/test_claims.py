@@ -77,7 +77,8 @@ def study(tmp_path):
     _summary(out / f'batch{b}', {f'adamw-cosine-lr{1e-3 * (b / 12) ** 0.5:g}': {
         'baseline': BASE[:3], 'no_scale': [x + gap for x in BASE[:3]],
         'unified': [x - gap + 0.001 * i for i, x in enumerate(BASE[:3])]}})
-  trial = out / 'sandwich_shakespeare_char_wd0.3' / 'trials' / 'decay_iwd@sandwich-adamw-cosine-lr0.001-s0'
+  trial = (out / 'sandwich_shakespeare_char_wd0.3' / 'trials'
+           / 'decay_iwd@sandwich-adamw-cosine-lr0.001-s0')
   trial.mkdir(parents=True)
   opt = {**optim.default_config().to_dict(), 'schedule': 'constant', 'warmup_steps': 0,
          'scale_decay': 0.3}
