@@ -335,6 +335,22 @@ def test_a_published_study_restores_into_an_empty_folder(tmp_path, monkeypatch, 
   assert _evals(trial) == _evals(tmp_path / 'a' / 'trials' / f'no_scale-{GROUP}-s1')
 
 
+def test_a_study_of_tagged_variants_trains_no_plain_baseline(tmp_path, monkeypatch):
+  # X@post compares with baseline@post; a plain baseline would be a trial no row reads.
+  ran = _fake_training(monkeypatch)
+  rep = _main(['--config', TINY, '--suite', 'paper_post', '--lrs', '1e-3', '--set',
+               'train.steps=4', '--variants', 'no_scale@post', '--seeds', '0',
+               '--out', str(tmp_path / 'post')])
+  assert len(ran) == 2 and all('--config.model.placement=post' in ran_cmd for ran_cmd in
+                               (' '.join(c) for c in ran))
+  assert list(rep['summary']) == [f'{GROUP}@post']
+  # With an untagged variant the plain baseline is back as its reference.
+  ran.clear()
+  _main(['--config', TINY, '--suite', 'paper_post', '--lrs', '1e-3', '--set', 'train.steps=4',
+         '--variants', 'no_scale,no_scale@post', '--seeds', '0', '--out', str(tmp_path / 'mix')])
+  assert len(ran) == 4
+
+
 def test_aggregate_only_reports_the_published_trials_and_trains_nothing(tmp_path, monkeypatch):
   # How a stopped study is published: the report of what finished here and what the
   # published copy already listed, nothing trained (PUBLISH_ONLY=1 in the full study).

@@ -591,8 +591,10 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
       raise ValueError(f'unknown {bad}; valid: {", ".join(valid)}')
   suite = SUITES[fv.suite]
   variants = fv.variants or list(suite)
-  if BASELINE not in variants:
-    variants = [BASELINE] + variants  # every difference needs its reference
+  if BASELINE not in variants and any('@' not in v for v in variants):
+    # every difference needs its reference; a study of tagged variants only (X@sandwich)
+    # has its own (below), and the plain baseline would be a trial no row reads
+    variants = [BASELINE] + variants
   for tag in sorted({v.split('@')[1] for v in variants if '@' in v}):
     if f'{BASELINE}@{tag}' not in variants:  # e.g. X@post compares with baseline@post
       variants.append(f'{BASELINE}@{tag}')
