@@ -172,11 +172,15 @@ def test_the_iwd_and_qk_stages_of_each_corpus_are_rows_of_that_corpus(study):
       'baseline@sandwich': stdlib, 'decay_all@sandwich': [b + 0.05 for b in stdlib],
       'decay_iwd@sandwich': [b + 0.01 for b in stdlib]}})
   _summary(study / 'qk_study_stdlib', {'adamw-cosine-lr0.001': {
-      'baseline@qk': stdlib, 'dnp@qk': [b - 0.004 for b in stdlib]}})
+      'baseline': [b + 0.02 for b in stdlib], 'baseline@qk': stdlib,
+      'dnp@qk': [b - 0.004 for b in stdlib]}})
   assert claims.sandwich_decays(str(study)) == {'shakespeare_char': ['0.3'],
                                                 'study_stdlib': ['1.0']}
-  rows = claims.main(['claims'], common.parse_flags(claims.define_flags,
-                                                    ['--out', str(study)]))['claims']
+  rep = claims.main(['claims'], common.parse_flags(claims.define_flags, ['--out', str(study)]))
+  rows = rep['claims']
+  # QK-norm alone, the reference of the DNP rows: a question of its own family.
+  alone = _row(rep['beyond'], 'baseline@qk − baseline', 'study_stdlib')
+  assert alone['diff'] == pytest.approx(-0.02) and alone['claim'] == claims.QK_ALONE
   all_ = _row(rows, 'iwd − all @sandwich, scale decay 1.0', 'study_stdlib')
   none = _row(rows, 'iwd − none @sandwich, scale decay 1.0', 'study_stdlib')
   assert (all_['diff'], none['diff']) == (pytest.approx(-0.04), pytest.approx(0.01))

@@ -132,6 +132,7 @@ def sandwich_decays(out: str) -> dict[str, list[str]]:
 POST = 'Post-Norm (the paper is Pre-Norm)'
 BATCH = 'the gap at a larger global batch (same tokens)'
 ABLATE = 'ablations of the recipe'
+QK_ALONE = 'QK-norm alone (the reference of the DNP rows)'
 
 
 def open_rows(batches=()) -> list[Row]:
@@ -147,6 +148,8 @@ def open_rows(batches=()) -> list[Row]:
   for c in CORPORA:
     rows += [Row(ABLATE, f'{v} − baseline', c, Cell(f'pre_{c}', v), Cell(f'pre_{c}', 'baseline'),
                  -1) for v in ('unified_nohg', 'unified_frozen')]
+  rows += [Row(QK_ALONE, 'baseline@qk − baseline', c, Cell(f'qk_{c}', 'baseline@qk'),
+               Cell(f'qk_{c}', 'baseline'), -1) for c in CORPORA]
   for b in batches:
     rows += [Row(BATCH, f'{v} − baseline, batch {b}', sh, Cell(f'batch{b}', v, None),
                  Cell(f'batch{b}', 'baseline', None), sign)
