@@ -51,7 +51,7 @@ from absl import flags
 
 from scalejax.cli import common
 from scalejax.scales import variants as variants_lib
-from scalejax.studies.common import ROOT, apply_overrides, paired_difference, parse_sets
+from scalejax.studies.common import ROOT, paired_difference, parse_sets
 
 BASELINE = 'baseline'
 
@@ -174,7 +174,7 @@ def resolved_key(base_cfg, trial: Trial) -> str:
   """Canonical JSON of the trial's full config; equal keys are the same run."""
   cfg = base_cfg.copy_and_resolve_references()
   cfg.unlock()
-  apply_overrides(cfg, trial.overrides)
+  cfg.update_from_flattened_dict(dict(trial.overrides))
   # The decay policy matters only through the rates of the roles the model has: in a
   # plain Pre-Norm model (no Output-Norm scales) 'iwd' and 'all' are the same run.
   from scalejax.train import optim

@@ -232,7 +232,7 @@ class Study:
     return optim.decay_budget(opt, cfg.train.steps, rate * opt.scale_lr_mult)
 
   def _config_of_command(self, cell: Cell):
-    from scalejax.studies.common import ROOT, apply_overrides, parse_sets
+    from scalejax.studies.common import ROOT, parse_sets
     from scalejax.train.config import load_config
     path = os.path.join(self.out, cell.stage, 'summary.json')
     if not os.path.exists(path):
@@ -245,7 +245,7 @@ class Study:
       args = [a.removeprefix('--') for a in command if a.startswith('--config')]
       config = next(a.split('=', 1)[1] for a in args if a.startswith('config='))
       cfg = load_config(os.path.join(ROOT, config))
-      apply_overrides(cfg, parse_sets([a for a in args if not a.startswith('config=')]).items())
+      cfg.update_from_flattened_dict(parse_sets([a for a in args if not a.startswith('config=')]))
       return cfg
     return None
 

@@ -32,16 +32,6 @@ def parse_sets(items) -> dict:
   return out
 
 
-def apply_overrides(cfg, overrides) -> None:
-  """Sets each (dotted KEY, value) of `overrides` in the (unlocked) ConfigDict `cfg`."""
-  for key, value in overrides:
-    node = cfg
-    *parents, leaf = key.split('.')
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-
-
 def parse_runs(spec: str) -> dict[str, str]:
   """'label=dir,label=dir' (or bare dirs, labelled by their basename) -> {label: dir}."""
   out = {}
