@@ -27,6 +27,22 @@ def _tokens(b=2, l=12, vocab=64, seed=0):
 
 
 
+@pytest.mark.parametrize('variant', ['baseline', 'hg', 'dnp', 'unified'])
+def test_maps_reading_one_input_as_one_matmul_match_separate_maps(variant, monkeypatch):
+  """q/k/v and gate/up as one matmul over their kernels side by side (each with its
+  folded input scale, HG's included) are the same function, values and gradients."""
+  from scalejax.model import layers
+  model = build_model(ModelConfig(**SMALL, variant=variant), seed=3)
+  randomize_scales(model)
+  graphdef, params = nnx.split(model)
+  tokens = _tokens()
+  loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
+  fused = jax.value_and_grad(loss)(params)
+  monkeypatch.setattr(layers, 'FUSE_PROJECTIONS', False)
+  separate = jax.value_and_grad(loss)(params)
+  chex.assert_trees_all_close(fused, separate, rtol=1e-5, atol=1e-6)
+
+
 def test_folding_input_scales_into_next_linear_map_is_exact():
   """Pre-Norm: W(gamma * n) == (diag(gamma) W) n, for every input-role scale at once."""
   cfg = ModelConfig(**SMALL, variant='baseline')
@@ -230,3 +246,20 @@ def test_rope_in_the_compute_dtype_changes_only_bfloat16_models():
   # a rotation keeps each pair's norm
   chex.assert_trees_all_close(jnp.linalg.norm(exact, axis=-1), jnp.linalg.norm(x, axis=-1),
                               rtol=1e-5)
+  # positions known at trace time (NumPy, as the decoder passes them): the same rotation
+  chex.assert_trees_all_close(rope(x, np.arange(9), 10000.0), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_table_is_a_constant_of_the_compiled_step():
+  """The decoder's positions are static, so no sin/cos is left for XLA to recompute per
+  element of q and k: the optimized forward and backward hold no sine or cosine op."""
+  from scalejax.model.layers import rope
+  model = build_model(ModelConfig(**SMALL))
+  tokens = jnp.zeros((2, 16), jnp.int32)
+  graphdef, params = nnx.split(model)
+  loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens))
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  assert ' sine(' not in hlo and ' cosine(' not in hlo
+  traced = jax.jit(lambda x, pos: rope(x, pos, 10000.0)).lower(
+      jnp.zeros((2, 16, 4, 8)), jnp.arange(16)).compile().as_text()
+  assert ' cosine(' in traced  # the check can fail: traced positions keep the op

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from scalejax.core import roles, sharding
@@ -136,7 +137,7 @@ class Decoder(nnx.Module):
     """Returns (float32 logits [B, L, V], MoE router statistics averaged over layers)."""
     config = self.config
     x = sharding.constrain(self.embed(tokens_BxL, config.compute_dtype), RESIDUAL)
-    positions_L = jnp.arange(tokens_BxL.shape[1])
+    positions_L = np.arange(tokens_BxL.shape[1])  # static: RoPE's table is a constant
     graphdef, stacked = nnx.split(self.blocks)
 
     def body(x, layer_params):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from scalejax.core import roles
@@ -107,6 +108,28 @@ class Linear(nnx.Module):
     return normalize(y_RxF, self.post.spec, row(gamma_CxF), row(bias_CxF))
 
 
+FUSE_PROJECTIONS = True
+
+
+def project_all(maps: tuple[Linear, ...], xs: tuple) -> tuple[jax.Array, ...]:
+  """`m.project(x)` for each map; maps that read the same activations (one input, or HG's
+  branches of one normalized input, each with its own folded scale) run as one matmul
+  over their kernels side by side, split after."""
+  if not FUSE_PROJECTIONS or len(maps) < 2:
+    return tuple(m.project(x) for m, x in zip(maps, xs))
+  base = lambda x: x.n if isinstance(x, Scaled) else x
+  if any(base(x) is not base(xs[0]) for x in xs):
+    return tuple(m.project(x) for m, x in zip(maps, xs))
+  kernels = []
+  for m, x in zip(maps, xs):
+    w = m.kernel[...]
+    v = x.gamma if isinstance(x, Scaled) else None
+    kernels.append(w if v is None else v[:, None] * w)
+  y = token_matmul(base(xs[0]), jnp.concatenate(kernels, axis=1))
+  cuts = np.cumsum([w.shape[1] for w in kernels])[:-1]
+  return tuple(jnp.split(y, cuts, axis=-1))
+
+
 class Embed(nnx.Module):
   def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, std: float = 0.02):
     table = std * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)
@@ -120,15 +143,20 @@ class Embed(nnx.Module):
     return token_matmul(x_BxLxD, self.table[...].T)
 
 
-def rope(x_BxLxNxH: jax.Array, positions_L: jax.Array, theta: float,
+def rope(x_BxLxNxH: jax.Array, positions_L, theta: float,
          math_dtype=jnp.float32) -> jax.Array:
   """Rotary embedding: angles in float32, the rotation in `math_dtype` (float32, or the
-  compute dtype: ModelConfig.resolved_rope_dtype), the result in x's dtype."""
+  compute dtype: ModelConfig.resolved_rope_dtype), the result in x's dtype.
+
+  Positions known at trace time (a NumPy array, as the decoder passes them) make the
+  sin/cos table a constant: from a traced iota XLA:CPU recomputes sin and cos for every
+  element of q and k inside the fusions that rotate them, batch x heads times over."""
   h = x_BxLxNxH.shape[-1]
-  freq_H2 = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angle_LxH2 = positions_L[:, None].astype(jnp.float32) * freq_H2[None, :]
-  sin = jnp.sin(angle_LxH2).astype(math_dtype)[None, :, None, :]
-  cos = jnp.cos(angle_LxH2).astype(math_dtype)[None, :, None, :]
+  xp = np if isinstance(positions_L, np.ndarray) else jnp
+  freq_H2 = xp.float32(theta) ** (-xp.arange(0, h, 2, dtype=xp.float32) / xp.float32(h))
+  angle_LxH2 = positions_L[:, None].astype(xp.float32) * freq_H2[None, :]
+  sin = jnp.asarray(xp.sin(angle_LxH2), math_dtype)[None, :, None, :]
+  cos = jnp.asarray(xp.cos(angle_LxH2), math_dtype)[None, :, None, :]
   x1, x2 = jnp.split(x_BxLxNxH.astype(math_dtype), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxNxH.dtype)
@@ -157,9 +185,10 @@ class Attention(nnx.Module):
   def __call__(self, xq_BxLxD, xk_BxLxD, xv_BxLxD, positions_L):
     """x_BxLxD -> [B, L, D]; N query heads, K kv heads (GQA when K < N), head dim H."""
     b, l, _ = xq_BxLxD.shape
-    q_BxLxNxH = self.q(xq_BxLxD).reshape(b, l, self.n_heads, self.h)
-    k_BxLxKxH = self.k(xk_BxLxD).reshape(b, l, self.n_kv, self.h)
-    v_BxLxKxH = self.v(xv_BxLxD).reshape(b, l, self.n_kv, self.h)
+    q, k, v = project_all((self.q, self.k, self.v), (xq_BxLxD, xk_BxLxD, xv_BxLxD))
+    q_BxLxNxH = self.q.finish(q).reshape(b, l, self.n_heads, self.h)
+    k_BxLxKxH = self.k.finish(k).reshape(b, l, self.n_kv, self.h)
+    v_BxLxKxH = self.v.finish(v).reshape(b, l, self.n_kv, self.h)
     if self.q_norm is not None:
       q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
     q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta, self.rope_math)
@@ -182,7 +211,7 @@ class MLP(nnx.Module):
     self.down = Linear(f, d, ('mlp', 'embed'), rngs=rngs, std=config.out_std)
 
   def __call__(self, xg, xu):
-    g, u = self.gate.project(xg), self.up.project(xu)
+    g, u = project_all((self.gate, self.up), (xg, xu))
     # Recomputing the gating (with DP/DNP's output side) in the backward pass keeps
     # 3 [tokens, d_ff] arrays for it instead of 6 (8 with DP/DNP): the elementwise
     # recompute fuses into the backward's own pass over g and u.
