@@ -170,6 +170,21 @@ def test_rms_scale_custom_gradient_equals_autodiff(dtype, tol):
   assert jnp.isfinite(jax.grad(lambda g: jnp.sum(lean(x, g).astype(jnp.float32)**2))(gamma)).all()
 
 
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])
+def test_rms_scale_gradient_of_gamma_on_each_backend_path(platform, monkeypatch):
+  """d(gamma) is a matvec with 1/rms on CPU and a fused sum elsewhere: both are the
+  gradient of the plain composition."""
+  from scalejax.core import sharding
+  monkeypatch.setattr(sharding, 'platform', lambda: platform)
+  x = _x((3, 7, D))
+  gamma = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (D,))
+  cot = jax.random.normal(jax.random.key(2), x.shape)
+  reference = lambda g: rms_stats(x, 1e-6) * g
+  want = jax.vjp(reference, gamma)[1](cot)
+  got = jax.vjp(lambda g: rms_scale(x, g, 1e-6), gamma)[1](cot)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_norm_saves_no_normalized_copy_for_its_backward():
   """Residuals of a single-branch RMS norm: x and 1/rms, not also the normalized x."""
   x = _x((4, 64, D))

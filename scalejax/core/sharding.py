@@ -98,6 +98,13 @@ def tree_shardings(axes_tree, abstract_tree, mesh: Mesh):
       axes_tree, abstract_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def platform() -> str:
+  """The backend the current trace compiles for: the context mesh's, else the default
+  (an ahead-of-time compile for a TPU topology on a CPU host traces for 'tpu')."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
 def constrain(x: jax.Array, axes) -> jax.Array:
   """Pins an activation's layout by logical names inside `jax.set_mesh`; a no-op without one.
 

@@ -38,10 +38,7 @@ Q_SPEC = ('act_batch', 'act_seq', 'act_heads', None)
 KV_SPEC = ('act_batch', 'act_seq', 'act_kv_heads', None)
 
 
-def platform() -> str:
-  """The backend the current trace compiles for: the context mesh's, else the default."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+platform = sharding.platform  # the backend this trace compiles for
 
 
 def splash_unsupported(seq_len: int) -> str | None:
