@@ -37,9 +37,11 @@ def test_maps_reading_one_input_as_one_matmul_match_separate_maps(variant, monke
   graphdef, params = nnx.split(model)
   tokens = _tokens()
   loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
-  fused = jax.value_and_grad(loss)(params)
+  dots = lambda: str(jax.make_jaxpr(lambda p: loss(p))(params)).count('dot_general')  # fresh trace
+  fused, fused_dots = jax.value_and_grad(lambda p: loss(p))(params), dots()
   monkeypatch.setattr(layers, 'FUSE_PROJECTIONS', False)
-  separate = jax.value_and_grad(loss)(params)
+  separate, separate_dots = jax.value_and_grad(lambda p: loss(p))(params), dots()
+  assert fused_dots == separate_dots - 3  # per layer (scanned once): q/k/v 3 -> 1, gate/up 2 -> 1
   chex.assert_trees_all_close(fused, separate, rtol=1e-5, atol=1e-6)
 
 

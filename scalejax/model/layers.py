@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scalejax.core import roles
+from scalejax.core import roles, sharding
 from scalejax.core.roles import Param
 from scalejax.model import attention
 from scalejax.model.config import ModelConfig
@@ -77,11 +77,15 @@ class Linear(nnx.Module):
 
   def project(self, x: jax.Array | Scaled) -> jax.Array:
     """x @ W, with a `Scaled` input's scale folded into W."""
+    return token_matmul(*self.operands(x))
+
+  def operands(self, x: jax.Array | Scaled) -> tuple[jax.Array, jax.Array]:
+    """(activations, kernel) of the matmul: a `Scaled` input's scale goes into W."""
     w = self.kernel[...]
     if isinstance(x, Scaled):
       x, v = x.n, x.gamma
       w = w if v is None else v[:, None] * w
-    return token_matmul(x, w)
+    return x, w
 
   def finish(self, y: jax.Array) -> jax.Array:
     """The output side: DP's scale or DNP's norm (identity without one)."""
@@ -108,24 +112,21 @@ class Linear(nnx.Module):
     return normalize(y_RxF, self.post.spec, row(gamma_CxF), row(bias_CxF))
 
 
-FUSE_PROJECTIONS = True
+FUSE_PROJECTIONS = True  # tests turn it off to compare with the maps one by one
 
 
 def project_all(maps: tuple[Linear, ...], xs: tuple) -> tuple[jax.Array, ...]:
-  """`m.project(x)` for each map; maps that read the same activations (one input, or HG's
-  branches of one normalized input, each with its own folded scale) run as one matmul
-  over their kernels side by side, split after."""
-  if not FUSE_PROJECTIONS or len(maps) < 2:
-    return tuple(m.project(x) for m, x in zip(maps, xs))
-  base = lambda x: x.n if isinstance(x, Scaled) else x
-  if any(base(x) is not base(xs[0]) for x in xs):
-    return tuple(m.project(x) for m, x in zip(maps, xs))
-  kernels = []
-  for m, x in zip(maps, xs):
-    w = m.kernel[...]
-    v = x.gamma if isinstance(x, Scaled) else None
-    kernels.append(w if v is None else v[:, None] * w)
-  y = token_matmul(base(xs[0]), jnp.concatenate(kernels, axis=1))
+  """`m.project(x)` for each map. On CPU, maps that read the same activations (one
+  input, or HG's branches of one normalized input, each with its own folded scale) run
+  as one matmul over their kernels side by side, split after: XLA:CPU's matmul library
+  splits one [tokens, 3d] product over both cores where it runs three [tokens, d] ones
+  on one each (PERFORMANCE.md). Elsewhere one matmul per map: side by side, kernels
+  sharded over different mesh axes (heads, kv heads) would be gathered first."""
+  inputs, kernels = zip(*(m.operands(x) for m, x in zip(maps, xs)))
+  if (not FUSE_PROJECTIONS or len(maps) < 2 or sharding.platform() != 'cpu'
+      or any(x is not inputs[0] for x in inputs)):
+    return tuple(token_matmul(x, w) for x, w in zip(inputs, kernels))
+  y = token_matmul(inputs[0], jnp.concatenate(kernels, axis=1))
   cuts = np.cumsum([w.shape[1] for w in kernels])[:-1]
   return tuple(jnp.split(y, cuts, axis=-1))
 
