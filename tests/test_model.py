@@ -30,8 +30,9 @@ def _tokens(b=2, l=12, vocab=64, seed=0):
 @pytest.mark.parametrize('variant', ['baseline', 'hg', 'dnp', 'unified'])
 def test_maps_reading_one_input_as_one_matmul_match_separate_maps(variant, monkeypatch):
   """q/k/v and gate/up as one matmul over their kernels side by side (each with its
-  folded input scale, HG's included) are the same function, values and gradients."""
-  from scalejax.model import layers
+  folded input scale, HG's included; the CPU path) are the same function as one matmul
+  per map (the other backends' path), values and gradients."""
+  from scalejax.core import sharding
   model = build_model(ModelConfig(**SMALL, variant=variant), seed=3)
   randomize_scales(model)
   graphdef, params = nnx.split(model)
@@ -39,7 +40,7 @@ def test_maps_reading_one_input_as_one_matmul_match_separate_maps(variant, monke
   loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
   dots = lambda: str(jax.make_jaxpr(lambda p: loss(p))(params)).count('dot_general')  # fresh trace
   fused, fused_dots = jax.value_and_grad(lambda p: loss(p))(params), dots()
-  monkeypatch.setattr(layers, 'FUSE_PROJECTIONS', False)
+  monkeypatch.setattr(sharding, 'platform', lambda: 'tpu')  # tokens unflattened, too
   separate, separate_dots = jax.value_and_grad(lambda p: loss(p))(params), dots()
   assert fused_dots == separate_dots - 3  # per layer (scanned once): q/k/v 3 -> 1, gate/up 2 -> 1
   chex.assert_trees_all_close(fused, separate, rtol=1e-5, atol=1e-6)

@@ -38,9 +38,6 @@ Q_SPEC = ('act_batch', 'act_seq', 'act_heads', None)
 KV_SPEC = ('act_batch', 'act_seq', 'act_kv_heads', None)
 
 
-platform = sharding.platform  # the backend this trace compiles for
-
-
 def splash_unsupported(seq_len: int) -> str | None:
   """Why the splash kernel cannot tile `seq_len` (None: it can)."""
   if seq_len % LANES:
@@ -70,7 +67,7 @@ def choose(impl: str, seq_len: int, head_dim: int, dtype, on: str | None = None)
   kernel when it takes the shape, else `xla`. An explicit impl that cannot run raises."""
   if impl not in IMPLS:
     raise ValueError(f'unknown model.attention_impl {impl!r}; valid: {IMPLS}')
-  on = on or platform()
+  on = on or sharding.platform()
   if impl == 'auto':
     fused = AUTO.get(on, 'xla')
     return 'xla' if unsupported(fused, seq_len, head_dim, dtype, on) else fused
@@ -136,7 +133,7 @@ def _splash_local(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, *, block_q, block_kv, interpr
 
 def _splash(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, *, block_q, block_kv):
   run = functools.partial(_splash_local, block_q=block_q, block_kv=block_kv,
-                          interpret=platform() != 'tpu')
+                          interpret=sharding.platform() != 'tpu')
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return run(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)

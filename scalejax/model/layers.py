@@ -38,7 +38,7 @@ def token_matmul(x_BxLxD: jax.Array, w_DxF: jax.Array, flatten: bool | None = No
   (+18 % HBM bytes per step at paper_dense_120m on v5p; both in PERFORMANCE.md).
   """
   w_DxF = w_DxF.astype(x_BxLxD.dtype)
-  if not (attention.platform() == 'cpu' if flatten is None else flatten):
+  if not (sharding.platform() == 'cpu' if flatten is None else flatten):
     return jnp.einsum('...d,df->...f', x_BxLxD, w_DxF)
   x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
   y_TxF = jnp.dot(x_TxD, w_DxF)
@@ -112,9 +112,6 @@ class Linear(nnx.Module):
     return normalize(y_RxF, self.post.spec, row(gamma_CxF), row(bias_CxF))
 
 
-FUSE_PROJECTIONS = True  # tests turn it off to compare with the maps one by one
-
-
 def project_all(maps: tuple[Linear, ...], xs: tuple) -> tuple[jax.Array, ...]:
   """`m.project(x)` for each map. On CPU, maps that read the same activations (one
   input, or HG's branches of one normalized input, each with its own folded scale) run
@@ -123,8 +120,7 @@ def project_all(maps: tuple[Linear, ...], xs: tuple) -> tuple[jax.Array, ...]:
   on one each (PERFORMANCE.md). Elsewhere one matmul per map: side by side, kernels
   sharded over different mesh axes (heads, kv heads) would be gathered first."""
   inputs, kernels = zip(*(m.operands(x) for m, x in zip(maps, xs)))
-  if (not FUSE_PROJECTIONS or len(maps) < 2 or sharding.platform() != 'cpu'
-      or any(x is not inputs[0] for x in inputs)):
+  if sharding.platform() != 'cpu' or any(x is not inputs[0] for x in inputs):
     return tuple(token_matmul(x, w) for x, w in zip(inputs, kernels))
   y = token_matmul(inputs[0], jnp.concatenate(kernels, axis=1))
   cuts = np.cumsum([w.shape[1] for w in kernels])[:-1]

@@ -46,7 +46,6 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from scalejax.core import sharding
-from scalejax.model import attention
 from scalejax.model.config import ModelConfig
 from scalejax.model.layers import MLP, Linear
 
@@ -154,7 +153,7 @@ class MoE(nnx.Module):
     chosen_BxLxN = jnp.sum(jax.nn.one_hot(idx_BxLxK, self.n_experts, dtype=jnp.int32), axis=2)
     aux = self.aux(logits_BxLxN, probs_BxLxN, chosen_BxLxN, b * l * self.top_k)
     graphdef, state = nnx.split(self.experts)
-    run = functools.partial(_grouped_experts, graphdef, platform=attention.platform())
+    run = functools.partial(_grouped_experts, graphdef, platform=sharding.platform())
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
       y_BxLxD = run(state, xg_BxLxD, xu_BxLxD, w_BxLxK, idx_BxLxK)
