@@ -103,3 +103,20 @@ def test_aot_for_tpu_runs_splash_and_never_writes_the_scores():
   scores = 2 * 4 * 512 * 512 * 2  # bfloat16
   saved = reports['xla'].bytes_accessed - reports['auto'].bytes_accessed
   assert saved > 2 * cfg.model.n_layers * scores, saved
+
+
+@pytest.mark.parametrize('n_kv', [4, 2])
+def test_xla_path_split_at_the_softmax_equals_autodiff_of_it(n_kv):
+  """`xla_forward` (output and probabilities) and `xla_backward` (gradients from the
+  probabilities) are the `xla` implementation and the gradients `jax.vjp` gives for it,
+  with grouped-query heads too."""
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q, k, v, d_out = normal(2, 16, 4, 8), normal(2, 16, n_kv, 8), normal(2, 16, n_kv, 8), normal(2, 16, 4, 8)
+  want_out, vjp = jax.vjp(lambda q, k, v: attention.attend(q, k, v, impl='xla'), q, k, v)
+  out, probs = attention.xla_forward(q, k, v)
+  chex.assert_trees_all_close(out, want_out, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(attention.xla_backward(q, k, v, probs, d_out), vjp(d_out),
+                              rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(jnp.triu(probs, 1)).max()) == 0  # causal
+  chex.assert_trees_all_close(probs.sum(-1), jnp.ones(probs.shape[:-1]), rtol=1e-6)

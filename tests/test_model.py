@@ -11,6 +11,7 @@ from flax import nnx
 
 from scalejax.core import roles
 from scalejax.model.counting import param_counts
+from scalejax.model import attention, layers
 from scalejax.model.layers import MLP
 from scalejax.model.config import ModelConfig
 from scalejax.model.decoder import build_model, cross_entropy
@@ -195,6 +196,81 @@ def test_mlp_keeps_only_its_matmul_outputs_for_the_backward(variant):
   wide = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, 'shape', ())[-1:] == (48,)
           and leaf.ndim >= 2 and math.prod(leaf.shape[:-1]) == 16]
   assert len(wide) == 3, [leaf.shape for leaf in wide]
+
+
+def test_mlp_recomputes_each_layers_gating_when_its_backward_runs(monkeypatch):
+  """The gating is recomputed once its layer's cotangent exists: four stacked MLPs
+  need less scratch memory than under `jax.checkpoint`, whose recomputation depends
+  on forward values only and which XLA:CPU schedules at the start of the backward pass,
+  every layer's at once; the same gradients."""
+  cfg = ModelConfig(d_model=64, n_layers=1, n_heads=4, vocab_size=16, d_ff=256, variant='unified')
+  graphdef, params = nnx.split([MLP(cfg, rngs=nnx.Rngs(i)) for i in range(4)])
+  x = jax.random.normal(jax.random.key(0), (4, 128, 64))
+
+  def loss(params, x):
+    for mlp in nnx.merge(graphdef, params):
+      x = x + mlp(x, x)
+    return jnp.sum(x ** 2)
+
+  def scratch_and_grads():
+    grad = jax.jit(jax.grad(loss))
+    return grad.lower(params, x).compile().memory_analysis().temp_size_in_bytes, grad(params, x)
+  late, grads = scratch_and_grads()
+  monkeypatch.setattr(layers, 'remat_late',
+                      lambda fn, modules, *arrays: nnx.remat(fn)(*modules, *arrays))
+  early, want = scratch_and_grads()
+  assert late < 0.8 * early, (late, early)
+  chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('variant,extra', [('dnp', {}), ('unified', dict(n_kv_heads=2)),
+                                           ('dp', {}), ('baseline', dict(qk_norm=True))])
+def test_attention_recomputing_qkv_equals_autodiff(variant, extra):
+  """With an output side (DP, DNP) or QK-norm the `xla` path keeps the projections
+  and the probabilities and recomputes the rotated q, k, v in the backward pass: the output and every gradient (params, projections) as autodiff of
+  `attention.attend` over `rotated` gives them."""
+  cfg = ModelConfig(**SMALL, variant=variant, attention_impl='xla', **extra)
+  att = layers.Attention(cfg, rngs=nnx.Rngs(0))
+  assert att.recomputes_qkv
+  graphdef, params = nnx.split(att)
+  keys = iter(jax.random.split(jax.random.key(1), 100))
+  params = jax.tree.map(lambda p: p * jax.random.uniform(next(keys), p.shape, minval=0.5,
+                                                         maxval=1.5), params)
+  n, kv, h = att.n_heads, att.n_kv, att.h
+  q, k, v, w = (jax.random.normal(next(keys), (2, 12, width))
+                for width in (n * h, kv * h, kv * h, n * h))
+  positions = np.arange(12)
+
+  def loss(params, q, k, v, recompute):
+    a = nnx.merge(graphdef, params)
+    out = (layers._attend_recomputing(a, q, k, v, positions) if recompute else
+           attention.attend(*a.rotated(q, k, v, positions), impl='xla'))
+    return jnp.sum(out.reshape(w.shape) * w)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
+  (value, grads), (want_value, want_grads) = grad(params, q, k, v, True), grad(params, q, k, v, False)
+  chex.assert_trees_all_close(value, want_value, rtol=1e-5)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads))
+  chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_dnp_attention_keeps_one_copy_of_qkv_for_the_backward(monkeypatch):
+  """Four stacked DNP attention blocks need less scratch memory for their backward pass
+  when q, k, v are recomputed from the projections than under plain autodiff, which
+  keeps the projections (for the norms) and the rotated q, k, v (for attention)."""
+  cfg = ModelConfig(d_model=64, n_layers=1, n_heads=4, vocab_size=16, variant='dnp',
+                    attention_impl='xla', max_seq_len=128)
+  graphdef, params = nnx.split([layers.Attention(cfg, rngs=nnx.Rngs(i)) for i in range(4)])
+  x = jax.random.normal(jax.random.key(0), (4, 128, 64))
+
+  def loss(params, x):
+    for att in nnx.merge(graphdef, params):
+      x = x + att(x, x, x, np.arange(128))
+    return jnp.sum(x ** 2)
+
+  scratch = lambda: jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+  recomputed = scratch()
+  monkeypatch.setattr(layers.Attention, 'recomputes_qkv', property(lambda self: False))
+  assert recomputed < 0.9 * scratch()
 
 
 def test_cross_entropy_equals_optax_bit_for_bit_with_its_gradient():

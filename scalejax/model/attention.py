@@ -175,3 +175,45 @@ def splash_cost(config, batch: int, seq_len: int) -> tuple[float, float]:
 
 
 IMPLEMENTATIONS = {'xla': _dot_product('xla'), 'cudnn': _dot_product('cudnn'), 'splash': _splash}
+
+
+# --- the XLA path with its probabilities kept ----------------------------------------
+# The `xla` implementation's math split at the softmax: `xla_forward` returns the
+# probabilities with the output and `xla_backward` takes them back with the q, k, v they
+# came from, so a caller that can recompute q, k, v (layers.Attention under DNP: a norm
+# and RoPE away from its projections) need not save them.
+
+def _per_query_head(kv_BxSxKxH, n_heads: int):
+  """kv heads repeated to one per query head (GQA: query head n reads kv head n // G)."""
+  return jnp.repeat(kv_BxSxKxH, n_heads // kv_BxSxKxH.shape[2], axis=2)
+
+
+def xla_forward(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH):
+  """(out [B, L, N, H], probs [B, N, L, S] float32) of causal attention."""
+  n, h = q_BxLxNxH.shape[2:]
+  k_BxSxNxH, v_BxSxNxH = (_per_query_head(x, n) for x in (k_BxSxKxH, v_BxSxKxH))
+  logits = jnp.einsum('blnh,bsnh->bnls', q_BxLxNxH, k_BxSxNxH,
+                      preferred_element_type=jnp.float32) * jnp.float32(h ** -0.5)
+  causal_LxS = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+  logits = jnp.where(causal_LxS, logits, jnp.finfo(jnp.float32).min)
+  probs_BxNxLxS = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bnls,bsnh->blnh', probs_BxNxLxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+  return out, probs_BxNxLxS
+
+
+def xla_backward(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, probs_BxNxLxS, d_out_BxLxNxH):
+  """(dq, dk, dv) of `xla_forward`'s output, from its probabilities."""
+  b, s, n_kv, h = k_BxSxKxH.shape
+  n = q_BxLxNxH.shape[2]
+  k_BxSxNxH, v_BxSxNxH = (_per_query_head(x, n) for x in (k_BxSxKxH, v_BxSxKxH))
+  dv = jnp.einsum('bnls,blnh->bsnh', probs_BxNxLxS.astype(d_out_BxLxNxH.dtype), d_out_BxLxNxH)
+  d_probs = jnp.einsum('blnh,bsnh->bnls', d_out_BxLxNxH, v_BxSxNxH,
+                       preferred_element_type=jnp.float32)
+  # softmax's backward; masked entries have probability 0 and so get no gradient
+  d_logits = probs_BxNxLxS * (d_probs - jnp.sum(d_probs * probs_BxNxLxS, axis=-1,
+                                                keepdims=True))
+  d_logits = (d_logits * jnp.float32(h ** -0.5)).astype(q_BxLxNxH.dtype)
+  dq = jnp.einsum('bnls,bsnh->blnh', d_logits, k_BxSxNxH)
+  dk = jnp.einsum('bnls,blnh->bsnh', d_logits, q_BxLxNxH)
+  per_kv = lambda d: d.reshape(b, s, n_kv, n // n_kv, h).sum(3).astype(k_BxSxKxH.dtype)
+  return dq, per_kv(dk), per_kv(dv)

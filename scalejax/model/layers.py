@@ -183,16 +183,58 @@ class Attention(nnx.Module):
     """x_BxLxD -> [B, L, D]; N query heads, K kv heads (GQA when K < N), head dim H."""
     b, l, _ = xq_BxLxD.shape
     q, k, v = project_all((self.q, self.k, self.v), (xq_BxLxD, xk_BxLxD, xv_BxLxD))
-    q_BxLxNxH = self.q.finish(q).reshape(b, l, self.n_heads, self.h)
-    k_BxLxKxH = self.k.finish(k).reshape(b, l, self.n_kv, self.h)
-    v_BxLxKxH = self.v.finish(v).reshape(b, l, self.n_kv, self.h)
+    if self.recomputes_qkv and attention.choose(self.impl, l, self.h, q.dtype) == 'xla':
+      out_BxLxNxH = _attend_recomputing(self, q, k, v, positions_L)
+    else:
+      out_BxLxNxH = attention.attend(*self.rotated(q, k, v, positions_L), impl=self.impl,
+                                     block_q=self.tiles[0], block_kv=self.tiles[1])
+    return self.o(out_BxLxNxH.reshape(b, l, self.n_heads * self.h))
+
+  @property
+  def recomputes_qkv(self) -> bool:
+    """Whether the `xla` path keeps the projections and recomputes q, k, v from them in
+    the backward pass: when something with a backward of its own sits in between (DP's
+    scale, DNP's norm, QK-norm), for which autodiff keeps the projections as well."""
+    return self.q_norm is not None or any(m.dual != 'none' for m in (self.q, self.k, self.v))
+
+  def rotated(self, q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L):
+    """The projections as attention reads them: the maps' output side (DP/DNP), heads
+    split, QK-norm, RoPE."""
+    b, l, _ = q_BxLxNH.shape
+    q_BxLxNxH = self.q.finish(q_BxLxNH).reshape(b, l, self.n_heads, self.h)
+    k_BxLxKxH = self.k.finish(k_BxLxKH).reshape(b, l, self.n_kv, self.h)
+    v_BxLxKxH = self.v.finish(v_BxLxKH).reshape(b, l, self.n_kv, self.h)
     if self.q_norm is not None:
       q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
     q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta, self.rope_math)
     k_BxLxKxH = rope(k_BxLxKxH, positions_L, self.theta, self.rope_math)
-    out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, impl=self.impl,
-                                   block_q=self.tiles[0], block_kv=self.tiles[1])
-    return self.o(out_BxLxNxH.reshape(b, l, self.n_heads * self.h))
+    return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
+
+
+def _attend_recomputing(att: Attention, q, k, v, positions_L):
+  """`attention.attend(*att.rotated(q, k, v))` for the `xla` path, keeping only the
+  projections and the attention probabilities for the backward pass, which recomputes
+  the rotated q, k, v from them. With an output side (DP, DNP) or QK-norm autodiff
+  would keep both: the projections for that side's backward and the rotated q, k, v
+  for attention's (PERFORMANCE.md)."""
+  graphdef, state = nnx.split(att)
+  rotate = lambda state, qkv: nnx.merge(graphdef, state).rotated(*qkv, positions_L)
+
+  @jax.custom_vjp
+  def run(state, qkv):
+    return attention.xla_forward(*rotate(state, qkv))[0]
+
+  def fwd(state, qkv):
+    out, probs = attention.xla_forward(*rotate(state, qkv))
+    return out, (state, qkv, probs)
+
+  def bwd(res, d_out):
+    state, qkv, probs = res
+    rotated, rotate_vjp = jax.vjp(rotate, state, after(qkv, d_out))
+    return rotate_vjp(attention.xla_backward(*rotated, probs, d_out))
+
+  run.defvjp(fwd, bwd)
+  return run(state, (q, k, v))
 
 
 class MLP(nnx.Module):
@@ -212,8 +254,43 @@ class MLP(nnx.Module):
     # Recomputing the gating (with DP/DNP's output side) in the backward pass keeps
     # 3 [tokens, d_ff] arrays for it instead of 6 (8 with DP/DNP): the elementwise
     # recompute fuses into the backward's own pass over g and u.
-    return self.down(nnx.remat(_gated)(self.gate, self.up, g, u))
+    return self.down(remat_late(_gated, (self.gate, self.up), g, u))
 
 
 def _gated(gate: Linear, up: Linear, g, u):
   return jax.nn.silu(gate.finish(g)) * up.finish(u)
+
+
+def after(arrays: tuple, g: jax.Array) -> tuple:
+  """`arrays`, made to depend on the cotangent `g`: a backward pass's recomputation from
+  them cannot start before `g` exists. On CPU by adding 0 times one element of `g`.
+
+  `jax.checkpoint`'s recomputation depends on forward values only, and XLA:CPU drops
+  optimization barriers before it schedules: its scheduler, which starts independent
+  work early, recomputed every layer's activations at the start of the backward pass and
+  kept them all (a checkpointed SwiGLU then saved no memory; PERFORMANCE.md).
+  """
+  if sharding.platform() == 'cpu':
+    tie = g.reshape(-1)[0] * 0
+    return tuple(a + tie.astype(a.dtype) for a in arrays)
+  # elsewhere the barrier holds until scheduling (and a sharded g's first element
+  # would be a cross-device read)
+  return jax.lax.optimization_barrier((arrays, g))[0]
+
+
+def remat_late(fn, modules: tuple, *arrays):
+  """`fn(*modules, *arrays)` that keeps only its inputs for the backward pass and
+  recomputes the rest there, once the output's cotangent has arrived (`after`)."""
+  graphdef, state = nnx.split(modules)
+  pure = lambda state, arrays: fn(*nnx.merge(graphdef, state), *arrays)
+
+  @jax.custom_vjp
+  def run(state, arrays):
+    return pure(state, arrays)
+
+  def bwd(res, g):
+    state, arrays = res
+    return jax.vjp(pure, state, after(arrays, g))[1](g)
+
+  run.defvjp(lambda state, arrays: (pure(state, arrays), (state, arrays)), bwd)
+  return run(state, arrays)

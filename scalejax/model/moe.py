@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from scalejax.core import sharding
 from scalejax.model.config import ModelConfig
-from scalejax.model.layers import MLP, Linear
+from scalejax.model.layers import MLP, Linear, remat_late
 
 AUX_KEYS = ('moe_lb_loss', 'moe_z_loss', 'moe_drop_frac')
 GROUPED_KERNELS = {'tpu': 'megablox'}  # platform -> grouped_matmul's kernel; others: ragged_dot
@@ -238,7 +238,7 @@ def _grouped_experts(graphdef, state, xg_BxLxD, xu_BxLxD, w_BxLxK, idx_BxLxK, *,
   kernel = GROUPED_KERNELS.get(platform, 'ragged_dot')
   mm = lambda x, linear: grouped_matmul(x, linear.kernel[...], sizes_N, kernel)
   g_RxF, u_RxF = mm(rows(xg_BxLxD), experts.gate), mm(rows(xu_BxLxD), experts.up)
-  h_RxF = nnx.remat(_gated_rows)(experts.gate, experts.up, g_RxF, u_RxF, expert_R[source_R])
+  h_RxF = remat_late(_gated_rows, (experts.gate, experts.up), g_RxF, u_RxF, expert_R[source_R])
   out_RxD = _permute_rows(mm(h_RxF, experts.down), dest_R, source_R)  # token order again
   y_TxD = jnp.einsum('tkd,tk->td', out_RxD.reshape(b * l, k, d),
                      w_BxLxK.reshape(b * l, k).astype(out_RxD.dtype))
