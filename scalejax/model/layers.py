@@ -230,7 +230,7 @@ def _attend_recomputing(att: Attention, q, k, v, positions_L):
 
   def bwd(res, d_out):
     state, qkv, probs = res
-    rotated, rotate_vjp = jax.vjp(rotate, state, after(qkv, d_out))
+    rotated, rotate_vjp = jax.vjp(rotate, state, after_cotangent(qkv, d_out))
     return rotate_vjp(attention.xla_backward(*rotated, probs, d_out))
 
   run.defvjp(fwd, bwd)
@@ -251,9 +251,9 @@ class MLP(nnx.Module):
 
   def __call__(self, xg, xu):
     g, u = project_all((self.gate, self.up), (xg, xu))
-    # Recomputing the gating (with DP/DNP's output side) in the backward pass keeps
-    # 3 [tokens, d_ff] arrays for it instead of 6 (8 with DP/DNP): the elementwise
-    # recompute fuses into the backward's own pass over g and u.
+    # Recomputing the gating (with DP/DNP's output side) in the backward pass, when
+    # this layer's turn comes, keeps 3 [tokens, d_ff] arrays for it instead of 6 (8
+    # with DP/DNP): the elementwise recompute fuses into the backward's own pass.
     return self.down(remat_late(_gated, (self.gate, self.up), g, u))
 
 
@@ -261,7 +261,7 @@ def _gated(gate: Linear, up: Linear, g, u):
   return jax.nn.silu(gate.finish(g)) * up.finish(u)
 
 
-def after(arrays: tuple, g: jax.Array) -> tuple:
+def after_cotangent(arrays: tuple, g: jax.Array) -> tuple:
   """`arrays`, made to depend on the cotangent `g`: a backward pass's recomputation from
   them cannot start before `g` exists. On CPU by adding 0 times one element of `g`.
 
@@ -280,7 +280,7 @@ def after(arrays: tuple, g: jax.Array) -> tuple:
 
 def remat_late(fn, modules: tuple, *arrays):
   """`fn(*modules, *arrays)` that keeps only its inputs for the backward pass and
-  recomputes the rest there, once the output's cotangent has arrived (`after`)."""
+  recomputes the rest there, once the output's cotangent has arrived (`after_cotangent`)."""
   graphdef, state = nnx.split(modules)
   pure = lambda state, arrays: fn(*nnx.merge(graphdef, state), *arrays)
 
@@ -290,7 +290,7 @@ def remat_late(fn, modules: tuple, *arrays):
 
   def bwd(res, g):
     state, arrays = res
-    return jax.vjp(pure, state, after(arrays, g))[1](g)
+    return jax.vjp(pure, state, after_cotangent(arrays, g))[1](g)
 
   run.defvjp(lambda state, arrays: (pure(state, arrays), (state, arrays)), bwd)
   return run(state, arrays)
