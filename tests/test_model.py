@@ -212,13 +212,10 @@ def test_mlp_recomputes_each_layers_gating_when_its_backward_runs(monkeypatch):
       x = x + mlp(x, x)
     return jnp.sum(x ** 2)
 
-  def scratch_and_grads():
-    grad = jax.jit(jax.grad(loss))
-    return grad.lower(params, x).compile().memory_analysis().temp_size_in_bytes, grad(params, x)
-  late, grads = scratch_and_grads()
+  late, grads = _backward_scratch(loss, params, x), jax.jit(jax.grad(loss))(params, x)
   monkeypatch.setattr(layers, 'remat_late',
                       lambda fn, modules, *arrays: nnx.remat(fn)(*modules, *arrays))
-  early, want = scratch_and_grads()
+  early, want = _backward_scratch(loss, params, x), jax.jit(jax.grad(loss))(params, x)
   assert late < 0.8 * early, (late, early)
   chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-6)
 
@@ -227,8 +224,9 @@ def test_mlp_recomputes_each_layers_gating_when_its_backward_runs(monkeypatch):
                                            ('dp', {}), ('baseline', dict(qk_norm=True))])
 def test_attention_recomputing_qkv_equals_autodiff(variant, extra):
   """With an output side (DP, DNP) or QK-norm the `xla` path keeps the projections
-  and the probabilities and recomputes the rotated q, k, v in the backward pass: the output and every gradient (params, projections) as autodiff of
-  `attention.attend` over `rotated` gives them."""
+  and the probabilities and recomputes the rotated q, k, v in the backward pass: the
+  output and every gradient (params, projections) as autodiff of `attention.attend`
+  over `rotated` gives them."""
   cfg = ModelConfig(**SMALL, variant=variant, attention_impl='xla', **extra)
   att = layers.Attention(cfg, rngs=nnx.Rngs(0))
   assert att.recomputes_qkv
@@ -247,7 +245,8 @@ def test_attention_recomputing_qkv_equals_autodiff(variant, extra):
            attention.attend(*a.rotated(q, k, v, positions), impl='xla'))
     return jnp.sum(out.reshape(w.shape) * w)
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
-  (value, grads), (want_value, want_grads) = grad(params, q, k, v, True), grad(params, q, k, v, False)
+  value, grads = grad(params, q, k, v, True)
+  want_value, want_grads = grad(params, q, k, v, False)
   chex.assert_trees_all_close(value, want_value, rtol=1e-5)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads))
   chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-5 * scale)
@@ -267,10 +266,14 @@ def test_dnp_attention_keeps_one_copy_of_qkv_for_the_backward(monkeypatch):
       x = x + att(x, x, x, np.arange(128))
     return jnp.sum(x ** 2)
 
-  scratch = lambda: jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis().temp_size_in_bytes
-  recomputed = scratch()
+  recomputed = _backward_scratch(loss, params, x)
   monkeypatch.setattr(layers.Attention, 'recomputes_qkv', property(lambda self: False))
-  assert recomputed < 0.9 * scratch()
+  assert recomputed < 0.9 * _backward_scratch(loss, params, x)
+
+
+def _backward_scratch(loss, params, x) -> int:
+  """Scratch bytes of the compiled gradient of loss(params, x), by XLA's buffer assignment."""
+  return jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_cross_entropy_equals_optax_bit_for_bit_with_its_gradient():
