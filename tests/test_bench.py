@@ -18,7 +18,7 @@ import pytest
 from scalejax.core import sharding
 from scalejax.scales.variants import VARIANTS
 from scalejax.train import benchmark, trainer
-from scalejax.train import metrics, xla_flags
+from scalejax.train import metrics, step_profile, xla_flags
 from scalejax.train.config import load_config
 
 ROOT = Path(__file__).parents[1]
@@ -30,7 +30,7 @@ def short_run(tmp_path_factory):
   proc = subprocess.run(
       [sys.executable, '-m', 'scalejax.cli.bench', '--config', 'configs/bench_tiny.py',
        '--variants', 'baseline,unified', '--rounds', '2', '--steps', '2', '--warmup', '1',
-       '--json', str(out)],
+       '--profile_steps', '2', '--json', str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout, json.loads(out.read_text())
@@ -67,6 +67,28 @@ def test_run_metadata_and_table(short_run):
   assert out['machine']['compile_options'] == xla_flags.compiler_options('cpu')
   assert {'date', 'load_avg_start', 'load_avg_end', 'model', 'batch_size', 'seq_len'} <= set(out)
   assert 'baseline' in stdout and 'unified' in stdout and 'MFU' in stdout
+
+
+def test_profile_of_each_variant(short_run):
+  # --profile_steps: each compiled variant traced after the timing, its thunks summed
+  stdout, out = short_run
+  assert list(out['profiles']) == ['baseline', 'unified']
+  for name, p in out['profiles'].items():
+    assert p['steps'] == 2 and p['wall_ms'] > 0
+    assert set(p['by_kind_ms']) == set(step_profile.KINDS)
+    assert p['by_kind_ms']['dot'] > 0 and p['by_kind_ms']['elementwise'] > 0, name
+    assert p['thunk_ms'] == pytest.approx(sum(p['by_kind_ms'].values()))
+    assert sum(v for n, v in p['busy_ms'].items() if n != '0') > 0
+    assert len(p['top']) == 8 and p['top'][0]['ms'] >= p['top'][-1]['ms']
+  assert 'ms with n threads busy' in stdout and 'unified, busiest thunks' in stdout
+
+
+def test_profile_needs_the_cpu_backend(monkeypatch):
+  monkeypatch.setattr(benchmark.jax, 'default_backend', lambda: 'tpu')
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  with pytest.raises(ValueError, match="--profile_steps reads XLA:CPU's per-thunk trace; "
+                                       'this run is on tpu'):
+    benchmark.run_benchmark(cfg, ['baseline'], rounds=1, steps=1, warmup=0, profile_steps=2)
 
 
 def test_unknown_variant_is_one_clear_error():

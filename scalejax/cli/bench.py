@@ -36,6 +36,12 @@ what the project's compile options gain, each under one load:
 
     python -m scalejax.cli.bench --config configs/shakespeare_char.py \
         --variants baseline --call=compiled,loop,untuned --rounds 7 --steps 20
+
+`--profile_steps=N` then traces N steps of each compiled variant with XLA's per-thunk
+events (`scalejax/train/step_profile.py`) and prints, per step, the thread time of each
+kind of work (dots, reductions, elementwise, transposes, copies) and how long 0, 1, 2,
+... threads ran a thunk at once: on a CPU, where a step's time goes and how much of it
+used every core. The figures go into the JSON's `profiles`.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from scalejax.cli import common  # noqa: E402
 from scalejax.scales.variants import VARIANTS  # noqa: E402
-from scalejax.train import metrics  # noqa: E402
+from scalejax.train import metrics, step_profile  # noqa: E402
 from scalejax.train.benchmark import CALLS, run_benchmark, table  # noqa: E402
 
 
@@ -69,6 +75,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                     'or the executable compiled with XLA\'s default options',
                     flag_values=fv)
   flags.DEFINE_string('json', '', 'write the results here as JSON', flag_values=fv)
+  flags.DEFINE_integer('profile_steps', 0, 'after timing, trace this many steps of each '
+                       'compiled variant with XLA\'s per-thunk events and print where their '
+                       'time goes: by kind of work and by threads busy (0: no profile)',
+                       flag_values=fv)
   flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '
                     'torch) in the same rounds, as an external reference', flag_values=fv)
 
@@ -83,12 +93,14 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   if not variants:
     raise ValueError('--variants is empty')
   out = run_benchmark(common.loaded_config(fv), variants, fv.rounds, fv.steps, fv.warmup,
-                      fv.nanogpt_torch, fv.call)
+                      fv.nanogpt_torch, fv.call, fv.profile_steps)
   print(f'{out["machine"]["device_kind"]} x{out["machine"]["device_count"]}, '
         f'load {out["load_avg_start"]:.1f}->{out["load_avg_end"]:.1f}, '
         f'peak {out["peak_flops"] / 1e9:.1f} GFLOP/s ({out["peak_source"]}), '
         f'{out["call"]} steps')
   print(table(out['results']))
+  if out['profiles']:
+    print(step_profile.table(out['profiles']))
   if fv.json:
     metrics.write_json(fv.json, out)
     print(f'wrote {fv.json}')

@@ -26,7 +26,8 @@ import jax
 
 from scalejax.core import sharding
 from scalejax.model import counting
-from scalejax.train import metrics, nonfinite, torch_reference, trainer, xla_flags
+from scalejax.train import (metrics, nonfinite, step_profile, torch_reference, trainer,
+                             xla_flags)
 
 CALLS = ('compiled', 'jit', 'loop', 'untuned')  # what a timed step calls (--call)
 
@@ -52,6 +53,7 @@ class Case:
   loss: float = float('nan')
   vocab: int = 0
   mesh: object = None  # set: steps run inside jax.set_mesh, as the train loop runs them
+  lowered: object = None  # the lowered step, to compile again with other options
 
   def clocks(self) -> tuple[float, int]:
     """(CPU seconds, minor page faults) of the process that steps, so far; a minor
@@ -92,7 +94,8 @@ def build_case(cfg, variant: str, n_batches: int, call: str = 'compiled',
   jitted = trainer.make_train_step(run, tuned=call != 'untuned')
   with jax.set_mesh(run.mesh):
     t = time.perf_counter()
-    compiled = jitted.lower(state, batches[0]).compile()
+    lowered = jitted.lower(state, batches[0])
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t
     if call in ('jit', 'loop'):  # ahead-of-time compiling does not fill jit's cache: its first call
       state, m = jitted(state, batches[0])  # compiles again, here and untimed
@@ -104,7 +107,8 @@ def build_case(cfg, variant: str, n_batches: int, call: str = 'compiled',
     return LoopCase(name, jitted, *args, vocab=run.model_cfg.vocab_size, mesh=run.mesh,
                     run_=run, watch=nonfinite.NonFiniteWatch(cfg.train))
   return Case(name, jitted if call == 'jit' else compiled, *args,
-              vocab=run.model_cfg.vocab_size, mesh=run.mesh if call == 'jit' else None)
+              vocab=run.model_cfg.vocab_size, mesh=run.mesh if call == 'jit' else None,
+              lowered=None if call == 'jit' else lowered)
 
 
 @dataclasses.dataclass
@@ -255,10 +259,31 @@ def loadavg() -> float:
     return float('nan')
 
 
+def profile_cases(cases: list[Case], steps: int) -> dict[str, step_profile.StepProfile]:
+  """Each compiled case (not the loop's, jit's or the reference's steps) compiled again
+  with XLA's per-thunk trace on and `steps` of its steps traced (`step_profile`)."""
+  out = {}
+  for case in cases:
+    if case.lowered is None:  # the loop's, jit's and the reference's cases keep none
+      continue
+    traced = case.lowered.compile(compiler_options=step_profile.TRACE_OPTION)
+    for i in range(2):  # warm: the first calls of a fresh executable allocate
+      case.state, _ = traced(case.state, case.batches[i % len(case.batches)])
+    out[case.name], case.state = step_profile.profile(traced, case.state, case.batches, steps,
+                                                      traced.as_text())
+  return out
+
+
 def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int,
-                  reference: bool = False, call: str | list[str] = 'compiled') -> dict:
+                  reference: bool = False, call: str | list[str] = 'compiled',
+                  profile_steps: int = 0) -> dict:
   """`call`: one of CALLS, or several: every variant is then timed once per call, named
-  'VARIANT@CALL' after the first (`baseline@loop` against `baseline`: the loop's cost)."""
+  'VARIANT@CALL' after the first (`baseline@loop` against `baseline`: the loop's cost).
+  `profile_steps` > 0: after timing, each compiled case's steps are traced that many
+  times and summed by kind of work and threads busy (`profiles` in the result)."""
+  if profile_steps > 0 and jax.default_backend() != 'cpu':
+    raise ValueError(f"--profile_steps reads XLA:CPU's per-thunk trace; this run is on "
+                     f'{jax.default_backend()} (profile it with jax.profiler and TensorBoard)')
   load_start = loadavg()
   calls = [call] if isinstance(call, str) else list(call)
   bad = [c for c in calls if c not in CALLS]
@@ -273,6 +298,7 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
   peak = metrics.Peak(first=0)
   try:
     measure(cases, rounds, steps, warmup, peak.sample)
+    profiles = profile_cases(cases, profile_steps) if profile_steps > 0 else {}
   finally:
     for case in cases:
       case.close()
@@ -285,4 +311,5 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
       probe_flops_rounds=peak.samples, rounds=rounds, steps_per_round=steps, warmup=warmup,
       call=','.join(calls),
       batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
-      model=cfg.model.to_dict(), results=rows)
+      model=cfg.model.to_dict(), results=rows,
+      profiles={name: p.to_dict() for name, p in profiles.items()})

@@ -1,0 +1,210 @@
+"""Where a compiled step's time goes on CPU: XLA's own trace of its thunks, summed by
+kind of work and by how many threads were busy at once.
+
+XLA:CPU runs a compiled program as a sequence of thunks (a fused loop, a library dot,
+a copy); independent thunks may run side by side, and a thunk may split itself over
+the intra-op threads. Compiled with `TRACE_OPTION`, each thunk's run is an event in
+the profiler's trace, named as its instruction in the compiled HLO. `profile` traces a
+few steps and `summarize` reduces the events to
+
+- `by_kind`: thread milliseconds per step of each kind of work (`KINDS`, read off the
+  ops inside each fused computation), and the busiest thunks;
+- `busy`: milliseconds per step during which 0, 1, 2, ... threads ran a thunk. On a
+  2-core machine, time with one thread busy is time the second core sat idle.
+
+The bench prints both (`python -m scalejax.cli.bench --profile`), so that what a CPU
+kind does badly can be read off one command on each machine (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+
+# Compile option (a DebugOptions field) that makes XLA:CPU emit one trace event per thunk.
+TRACE_OPTION = {'xla_cpu_enable_xprof_traceme': True}
+
+KINDS = ('dot', 'reduce', 'transpose', 'movement', 'elementwise', 'other')
+# Ops that only move or reinterpret data (no arithmetic).
+_MOVEMENT = {'parameter', 'constant', 'copy', 'bitcast', 'reshape', 'broadcast', 'slice',
+             'concatenate', 'dynamic-slice', 'dynamic-update-slice', 'pad', 'tuple',
+             'get-tuple-element', 'iota', 'reverse', 'gather', 'scatter'}
+# Thunks that run other thunks: their events enclose their body's, so they are neither
+# summed by kind nor counted as busy time.
+_CONTROL = {'while', 'conditional', 'call', 'async-start', 'async-done'}
+
+_INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%([^\s=]+) = ')
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s.*\{\s*$')
+
+
+def _op_and_calls(rest: str) -> tuple[str, str | None]:
+  """(opcode, called computation or None) of an instruction's text after ' = '."""
+  if rest.startswith('('):  # a tuple shape: skip to its closing parenthesis
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += {'(': 1, ')': -1}.get(ch, 0)
+      if depth == 0:
+        rest = rest[i + 1:]
+        break
+  else:
+    rest = rest.split(' ', 1)[1] if ' ' in rest else ''
+  op = re.match(r'\s*([a-z][a-z0-9\-]*)\(', rest)
+  calls = re.search(r'calls=%([^\s,]+)', rest)
+  return (op.group(1) if op else ''), (calls.group(1) if calls else None)
+
+
+def _kind(ops: set[str]) -> str:
+  """The kind of a thunk running `ops`: a dot or a reduction (with whatever elementwise
+  work is fused into it), a transpose or a copy that computes nothing, else elementwise."""
+  if ops & {'dot', 'convolution'}:
+    return 'dot'
+  if ops & {'reduce', 'reduce-window'}:
+    return 'reduce'
+  if ops & _CONTROL or 'custom-call' in ops:
+    return 'other'
+  if ops <= _MOVEMENT | {'transpose'}:
+    return 'transpose' if 'transpose' in ops else 'movement'
+  return 'elementwise'
+
+
+def thunk_kinds(hlo_text: str) -> dict[str, str]:
+  """{instruction name: kind} for every instruction of a compiled module's text
+  (`compiled.as_text()`): a fusion by the ops of the computation it calls, any other
+  instruction by its own op ('control' for loops, conditionals and calls)."""
+  bodies: dict[str, set[str]] = collections.defaultdict(set)
+  instructions: list[tuple[str, str, str | None]] = []
+  current = None
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      op, calls = _op_and_calls(line[m.end():])
+      instructions.append((m.group(1), op, calls))
+      if current is not None:
+        bodies[current].add(op)
+      continue
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(1)
+  kinds = {}
+  for name, op, calls in instructions:
+    if op in _CONTROL:
+      kinds[name] = 'control'
+    elif op == 'fusion' and calls is not None:
+      kinds[name] = _kind(bodies.get(calls, set()))
+    else:
+      kinds[name] = _kind({op})
+  return kinds
+
+
+@dataclasses.dataclass
+class StepProfile:
+  """Per step, in milliseconds: `wall` of the traced steps, `by_kind` thread time of
+  each kind (KINDS), `busy` time with n threads running a thunk, `top` the busiest
+  thunks as (name, kind, thread ms)."""
+  steps: int
+  wall: float
+  by_kind: dict[str, float]
+  busy: dict[int, float]
+  top: list[tuple[str, str, float]]
+
+  @property
+  def thunk_ms(self) -> float:
+    return sum(self.by_kind.values())
+
+  def to_dict(self) -> dict:
+    return dict(steps=self.steps, wall_ms=self.wall, thunk_ms=self.thunk_ms,
+                by_kind_ms=self.by_kind, busy_ms={str(k): v for k, v in self.busy.items()},
+                top=[dict(name=n, kind=k, ms=ms) for n, k, ms in self.top])
+
+
+def summarize(events: list[dict], kinds: dict[str, str], steps: int, wall_s: float,
+              top: int = 8) -> StepProfile:
+  """A StepProfile of trace `events` (Chrome trace 'X' events: name, tid, ts, dur in
+  microseconds) of `steps` steps that took `wall_s` seconds. Events whose name is not
+  an instruction in `kinds` (the runtime's own, Python's) are left out."""
+  per_thunk: collections.Counter = collections.Counter()
+  intervals: dict[object, list[tuple[float, float]]] = collections.defaultdict(list)
+  for e in events:
+    kind = kinds.get(e.get('name'))
+    if e.get('ph') != 'X' or kind is None or kind == 'control':
+      continue
+    per_thunk[e['name']] += e['dur']
+    intervals[e['tid']].append((e['ts'], e['ts'] + e['dur']))
+  ms = lambda us: us / steps / 1e3
+  by_kind = {k: 0.0 for k in KINDS}
+  for name, us in per_thunk.items():
+    by_kind[kinds[name]] += ms(us)
+  # Sweep over every thread's merged busy intervals: how long n threads were busy at once.
+  edges = []
+  for spans in intervals.values():
+    spans.sort()
+    merged = []
+    for start, end in spans:
+      if merged and start <= merged[-1][1]:
+        merged[-1][1] = max(merged[-1][1], end)
+      else:
+        merged.append([start, end])
+    edges += [(s, 1) for s, _ in merged] + [(e, -1) for _, e in merged]
+  edges.sort()
+  busy: collections.Counter = collections.Counter()
+  running, last = 0, None
+  for t, change in edges:
+    if last is not None and t > last:
+      busy[running] += t - last
+    running, last = running + change, t
+  busy_ms = {n: ms(us) for n, us in sorted(busy.items())}
+  # the traced steps' time outside any thunk (dispatch, waits) counts as 0 threads busy
+  busy_ms[0] = max(0.0, wall_s * 1e3 / steps - sum(v for n, v in busy_ms.items() if n))
+  busiest = [(n, kinds[n], ms(us)) for n, us in per_thunk.most_common(top)]
+  return StepProfile(steps, wall_s * 1e3 / steps, by_kind, dict(sorted(busy_ms.items())),
+                     busiest)
+
+
+def profile(step, state, batches: list, steps: int, hlo_text: str):
+  """Traces `steps` calls of `step` (an executable compiled with TRACE_OPTION) from
+  `state`; returns (StepProfile, the state after them)."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    try:
+      t = time.perf_counter()
+      for i in range(steps):
+        state, m = step(state, batches[i % len(batches)])
+      jax.block_until_ready(m)
+      wall = time.perf_counter() - t
+    finally:
+      jax.profiler.stop_trace()
+    found = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True)
+    if not found:
+      raise RuntimeError(f'the profiler wrote no perfetto trace under {trace_dir}')
+    with gzip.open(found[0]) as f:
+      events = json.load(f)['traceEvents']
+  return summarize(events, thunk_kinds(hlo_text), steps, wall), state
+
+
+def table(profiles: dict[str, dict]) -> str:
+  """One line per case (`StepProfile.to_dict()`s, as the bench's JSON holds them): wall
+  and thunk time per step, thread time by kind, and the time during which 0, 1, 2, ...
+  threads were busy; then each case's busiest thunks."""
+  threads = sorted({int(n) for p in profiles.values() for n in p['busy_ms']})
+  head = (f'{"variant":<16} {"wall ms":>8} {"thunk ms":>9} '
+          + ' '.join(f'{k:>11}' for k in KINDS)
+          + ' | ms with n threads busy: ' + ' '.join(f'{n:>7}' for n in threads))
+  lines = [head, '-' * len(head)]
+  for name, p in profiles.items():
+    lines.append(f'{name:<16} {p["wall_ms"]:8.2f} {p["thunk_ms"]:9.2f} '
+                 + ' '.join(f'{p["by_kind_ms"][k]:11.2f}' for k in KINDS)
+                 + ' | ' + ' ' * 24 + ' '.join(f'{p["busy_ms"].get(str(n), 0.0):7.2f}'
+                                             for n in threads))
+  for name, p in profiles.items():
+    lines.append(f'{name}, busiest thunks (thread ms per step): '
+                 + ', '.join(f'{t["name"]} ({t["kind"]}) {t["ms"]:.2f}' for t in p['top']))
+  return '\n'.join(lines)

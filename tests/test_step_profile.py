@@ -1,0 +1,138 @@
+"""scalejax.train.step_profile: reading a compiled module's thunks and a trace of them."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from scalejax.train import step_profile
+
+# A compiled CPU module as `compiled.as_text()` prints it, cut down to one of each kind.
+HLO = """\
+HloModule jit_step, is_scheduled=true
+
+%fused_dot (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  ROOT %d = f32[4,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%region (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_rw (p0.1: f32[4,64], p1.1: f32[]) -> f32[4,2] {
+  %p0.1 = f32[4,64]{1,0} parameter(0)
+  %sq = f32[4,64]{1,0} multiply(%p0.1, %p0.1)
+  %p1.1 = f32[] parameter(1)
+  ROOT %rw = f32[4,2]{1,0} reduce-window(%sq, %p1.1), window={size=1x32 stride=1x32}, to_apply=%region
+}
+
+%fused_t (p0.2: f32[4,2]) -> f32[2,4] {
+  %p0.2 = f32[4,2]{1,0} parameter(0)
+  %t = f32[2,4]{0,1} transpose(%p0.2), dimensions={1,0}
+  ROOT %c = f32[2,4]{1,0} copy(%t)
+}
+
+%fused_tm (p0.3: f32[4,2]) -> f32[2,4] {
+  %p0.3 = f32[4,2]{1,0} parameter(0)
+  %t.1 = f32[2,4]{1,0} transpose(%p0.3), dimensions={1,0}
+  ROOT %e = f32[2,4]{1,0} exponential(%t.1)
+}
+
+%fused_mv (p0.4: f32[4,2]) -> f32[8] {
+  %p0.4 = f32[4,2]{1,0} parameter(0)
+  ROOT %b.1 = f32[8]{0} bitcast(%p0.4)
+}
+
+%body (tp: (s32[], f32[4,2])) -> (s32[], f32[4,2]) {
+  %tp = (s32[], f32[4,2]{1,0}) parameter(0)
+  ROOT %t.2 = (s32[], f32[4,2]{1,0}) tuple(%tp)
+}
+
+%cond (t.3: (s32[], f32[4,2])) -> pred[] {
+  %t.3 = (s32[], f32[4,2]{1,0}) parameter(0)
+  ROOT %k = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[4,8], w: f32[8,2], y: f32[4,64]) -> f32[2,4] {
+  %x = f32[4,8]{1,0} parameter(0)
+  %w = f32[8,2]{1,0} parameter(1)
+  %y = f32[4,64]{1,0} parameter(2)
+  %zero = f32[] constant(0)
+  %ynn_fusion = f32[4,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
+  %wrapped_reduce-window.3 = f32[4,2]{1,0} fusion(%y, %zero), kind=kLoop, calls=%fused_rw
+  %transpose_copy_fusion = f32[2,4]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_t
+  %transpose_exponential_fusion = f32[2,4]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_tm
+  %bitcast_fusion = f32[8]{0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_mv
+  %dot.7 = f32[4,2]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %init = (s32[], f32[4,2]{1,0}) tuple(%zero, %dot.7)
+  %while.2 = (s32[], /*index=1*/f32[4,2]{1,0}) while(%init), condition=%cond, body=%body
+  %custom-call.1 = f32[4,2]{1,0} custom-call(%dot.7), custom_call_target="foo"
+  ROOT %add.9 = f32[2,4]{1,0} add(%transpose_copy_fusion, %transpose_exponential_fusion)
+}
+"""
+
+
+def test_thunk_kinds_read_each_fusion_by_the_ops_it_runs():
+  kinds = step_profile.thunk_kinds(HLO)
+  assert kinds['ynn_fusion'] == 'dot'
+  assert kinds['dot.7'] == 'dot'
+  assert kinds['wrapped_reduce-window.3'] == 'reduce'  # its fused square does not matter
+  assert kinds['transpose_copy_fusion'] == 'transpose'  # moves data, computes nothing
+  assert kinds['transpose_exponential_fusion'] == 'elementwise'  # a transpose and math
+  assert kinds['bitcast_fusion'] == 'movement'
+  assert kinds['add.9'] == 'elementwise'
+  assert kinds['while.2'] == 'control'  # tuple shape with a comment inside: still parsed
+  assert kinds['custom-call.1'] == 'other'
+  assert kinds['x'] == 'movement'  # parameters: never a thunk, harmless
+
+
+def _event(name, tid, start, dur):
+  return dict(ph='X', name=name, tid=tid, ts=start, dur=dur)
+
+
+def test_summarize_sums_thread_time_by_kind_and_threads_busy():
+  kinds = {'mm': 'dot', 'ew': 'elementwise', 'rw': 'reduce', 'loop': 'control'}
+  events = [
+      _event('mm', 1, 0.0, 10.0), _event('ew', 1, 20.0, 10.0),  # thread 1: [0,10], [20,30]
+      _event('rw', 2, 5.0, 10.0),                                # thread 2: [5,15]
+      _event('rw', 2, 8.0, 2.0),    # nested in thread 2's span: counted once as busy
+      _event('loop', 3, 0.0, 40.0),  # encloses the others: neither a kind nor busy
+      _event('ThunkExecutor::Execute', 1, 0.0, 40.0),  # the runtime's own: left out
+      dict(ph='i', name='mm', tid=1, ts=0.0),           # not a complete event
+  ]
+  p = step_profile.summarize(events, kinds, steps=2, wall_s=40e-6)
+  us = 1e-3  # one microsecond in ms
+  assert p.wall == pytest.approx(20 * us)  # per step
+  assert p.by_kind == pytest.approx({'dot': 5 * us, 'elementwise': 5 * us, 'reduce': 6 * us,
+                                     'transpose': 0, 'movement': 0, 'other': 0})
+  assert p.thunk_ms == pytest.approx(16 * us)
+  # one thread busy: [0,5] [10,15] [20,30] = 20 us; two: [5,10] = 5 us; per step halves
+  assert p.busy == pytest.approx({0: 7.5 * us, 1: 10 * us, 2: 2.5 * us})
+  assert [(n, k) for n, k, _ in p.top] == [('rw', 'reduce'), ('mm', 'dot'), ('ew', 'elementwise')]
+  d = p.to_dict()
+  assert d['busy_ms'] == {'0': p.busy[0], '1': p.busy[1], '2': p.busy[2]}
+  assert d['top'][0] == {'name': 'rw', 'kind': 'reduce', 'ms': pytest.approx(6 * us)}
+
+
+def test_profile_traces_a_compiled_cpu_step():
+  def step(state, batch):
+    h = jnp.tanh(batch @ state['w'])
+    return {'w': state['w'] - 0.01 * batch.T @ h}, {'loss': jnp.sum(h * h)}
+
+  state = {'w': jnp.ones((64, 64), jnp.float32) / 64}
+  batches = [jnp.full((128, 64), 0.5 + i, jnp.float32) for i in range(2)]
+  compiled = jax.jit(step, donate_argnums=0).lower(state, batches[0]).compile(
+      compiler_options=step_profile.TRACE_OPTION)
+  p, state = step_profile.profile(compiled, state, batches, 3, compiled.as_text())
+  assert state['w'].shape == (64, 64) and not state['w'].is_deleted()
+  assert p.steps == 3 and p.wall > 0
+  assert p.by_kind['dot'] > 0  # two matmuls per step
+  assert p.thunk_ms > p.by_kind['dot']  # and the tanh, the update
+  assert sum(v for n, v in p.busy.items() if n >= 1) > 0
+  assert p.busy[0] >= 0
+  text = step_profile.table({'toy': p.to_dict()})
+  assert text.splitlines()[0].split()[:3] == ['variant', 'wall', 'ms']
+  assert 'toy' in text and 'busiest thunks' in text
