@@ -79,6 +79,9 @@ def test_profile_of_each_variant(short_run):
     assert p['by_kind_ms']['dot'] > 0 and p['by_kind_ms']['elementwise'] > 0, name
     assert p['thunk_ms'] == pytest.approx(sum(p['by_kind_ms'].values()))
     assert sum(v for n, v in p['busy_ms'].items() if n != '0') > 0
+    assert set(p['by_phase_ms']) == set(step_profile.PHASES)
+    assert p['by_phase_ms']['forward'] > 0 and p['by_phase_ms']['backward'] > 0, name
+    assert sum(p['by_phase_ms'].values()) == pytest.approx(p['thunk_ms'])
     assert len(p['top']) == 8 and p['top'][0]['ms'] >= p['top'][-1]['ms']
   assert 'ms with n threads busy' in stdout and 'unified, busiest thunks' in stdout
 

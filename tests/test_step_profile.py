@@ -24,7 +24,7 @@ HloModule jit_step, is_scheduled=true
 
 %fused_rw (p0.1: f32[4,64], p1.1: f32[]) -> f32[4,2] {
   %p0.1 = f32[4,64]{1,0} parameter(0)
-  %sq = f32[4,64]{1,0} multiply(%p0.1, %p0.1)
+  %sq = f32[4,64]{1,0} multiply(%p0.1, %p0.1), metadata={op_name="jit(step)/transpose(jvp())/mul"}
   %p1.1 = f32[] parameter(1)
   ROOT %rw = f32[4,2]{1,0} reduce-window(%sq, %p1.1), window={size=1x32 stride=1x32}, to_apply=%region
 }
@@ -61,12 +61,12 @@ ENTRY %main (x: f32[4,8], w: f32[8,2], y: f32[4,64]) -> f32[2,4] {
   %w = f32[8,2]{1,0} parameter(1)
   %y = f32[4,64]{1,0} parameter(2)
   %zero = f32[] constant(0)
-  %ynn_fusion = f32[4,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
+  %ynn_fusion = f32[4,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step)/jvp()/dot_general" stack_frame_id=3}
   %wrapped_reduce-window.3 = f32[4,2]{1,0} fusion(%y, %zero), kind=kLoop, calls=%fused_rw
   %transpose_copy_fusion = f32[2,4]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_t
   %transpose_exponential_fusion = f32[2,4]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_tm
   %bitcast_fusion = f32[8]{0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_mv
-  %dot.7 = f32[4,2]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %dot.7 = f32[4,2]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/transpose(jvp())/dot_general"}
   %init = (s32[], f32[4,2]{1,0}) tuple(%zero, %dot.7)
   %while.2 = (s32[], /*index=1*/f32[4,2]{1,0}) while(%init), condition=%cond, body=%body
   %custom-call.1 = f32[4,2]{1,0} custom-call(%dot.7), custom_call_target="foo"
@@ -87,6 +87,14 @@ def test_thunk_kinds_read_each_fusion_by_the_ops_it_runs():
   assert kinds['while.2'] == 'control'  # tuple shape with a comment inside: still parsed
   assert kinds['custom-call.1'] == 'other'
   assert kinds['x'] == 'movement'  # parameters: never a thunk, harmless
+
+
+def test_thunk_phases_follow_the_op_names_autodiff_leaves():
+  phases = step_profile.thunk_phases(HLO)
+  assert phases['ynn_fusion'] == 'forward'  # jvp() alone
+  assert phases['dot.7'] == 'backward'  # under transpose(jvp())
+  assert phases['wrapped_reduce-window.3'] == 'backward'  # no op_name: the first inside
+  assert phases['add.9'] == 'update'  # none at all: outside autodiff
 
 
 def _event(name, tid, start, dur):
@@ -112,15 +120,24 @@ def test_summarize_sums_thread_time_by_kind_and_threads_busy():
   # one thread busy: [0,5] [10,15] [20,30] = 20 us; two: [5,10] = 5 us; per step halves
   assert p.busy == pytest.approx({0: 7.5 * us, 1: 10 * us, 2: 2.5 * us})
   assert [(n, k) for n, k, _ in p.top] == [('rw', 'reduce'), ('mm', 'dot'), ('ew', 'elementwise')]
+  assert p.by_phase == {} and p.phase_busy == {}  # no phases given
+  p = step_profile.summarize(events, kinds, steps=2, wall_s=40e-6,
+                             phases={'mm': 'forward', 'ew': 'backward', 'rw': 'backward'})
+  assert p.by_phase == pytest.approx({'forward': 5 * us, 'backward': 11 * us, 'update': 0})
+  assert p.phase_thunks == {'forward': 0.5, 'backward': 1.5, 'update': 0}  # 1 and 3 in 2 steps
+  # backward: ew on thread 1 [20,30] and rw on thread 2 [5,15] never overlap
+  assert p.phase_busy == {'forward': pytest.approx({1: 5 * us}),
+                          'backward': pytest.approx({1: 10 * us}), 'update': {}}
   d = p.to_dict()
+  assert d['phase_busy_ms']['backward'] == {'1': pytest.approx(10 * us)}
   assert d['busy_ms'] == {'0': p.busy[0], '1': p.busy[1], '2': p.busy[2]}
   assert d['top'][0] == {'name': 'rw', 'kind': 'reduce', 'ms': pytest.approx(6 * us)}
 
 
 def test_profile_traces_a_compiled_cpu_step():
   def step(state, batch):
-    h = jnp.tanh(batch @ state['w'])
-    return {'w': state['w'] - 0.01 * batch.T @ h}, {'loss': jnp.sum(h * h)}
+    loss, grad = jax.value_and_grad(lambda w: jnp.sum(jnp.tanh(batch @ w) ** 2))(state['w'])
+    return {'w': state['w'] - 0.01 * grad}, {'loss': loss}
 
   state = {'w': jnp.ones((64, 64), jnp.float32) / 64}
   batches = [jnp.full((128, 64), 0.5 + i, jnp.float32) for i in range(2)]
@@ -131,8 +148,11 @@ def test_profile_traces_a_compiled_cpu_step():
   assert p.steps == 3 and p.wall > 0
   assert p.by_kind['dot'] > 0  # two matmuls per step
   assert p.thunk_ms > p.by_kind['dot']  # and the tanh, the update
+  assert p.by_phase['forward'] > 0 and p.by_phase['backward'] > 0
+  assert sum(p.by_phase.values()) == pytest.approx(p.thunk_ms)
+  assert all(n >= 1 for n in p.phase_thunks.values())  # each phase runs thunks every step
   assert sum(v for n, v in p.busy.items() if n >= 1) > 0
   assert p.busy[0] >= 0
   text = step_profile.table({'toy': p.to_dict()})
   assert text.splitlines()[0].split()[:3] == ['variant', 'wall', 'ms']
-  assert 'toy' in text and 'busiest thunks' in text
+  assert 'toy' in text and 'busiest thunks' in text and 'toy, by phase' in text

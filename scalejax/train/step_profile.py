@@ -34,6 +34,7 @@ import jax
 TRACE_OPTION = {'xla_cpu_enable_xprof_traceme': True}
 
 KINDS = ('dot', 'reduce', 'transpose', 'movement', 'elementwise', 'other')
+PHASES = ('forward', 'backward', 'update')
 # Ops that only move or reinterpret data (no arithmetic).
 _MOVEMENT = {'parameter', 'constant', 'copy', 'bitcast', 'reshape', 'broadcast', 'slice',
              'concatenate', 'dynamic-slice', 'dynamic-update-slice', 'pad', 'tuple',
@@ -43,6 +44,7 @@ _MOVEMENT = {'parameter', 'constant', 'copy', 'bitcast', 'reshape', 'broadcast',
 _CONTROL = {'while', 'conditional', 'call', 'async-start', 'async-done'}
 
 _INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%([^\s=]+) = ')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s.*\{\s*$')
 
 
@@ -76,26 +78,38 @@ def _kind(ops: set[str]) -> str:
   return 'elementwise'
 
 
-def thunk_kinds(hlo_text: str) -> dict[str, str]:
-  """{instruction name: kind} for every instruction of a compiled module's text
-  (`compiled.as_text()`): a fusion by the ops of the computation it calls, any other
-  instruction by its own op ('control' for loops, conditionals and calls)."""
+def _parse(hlo_text: str):
+  """[(name, op, called computation, op_name)] of every instruction, and per computation
+  the set of its ops and the first op_name in it."""
   bodies: dict[str, set[str]] = collections.defaultdict(set)
-  instructions: list[tuple[str, str, str | None]] = []
+  body_op_name: dict[str, str] = {}
+  instructions = []
   current = None
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
     if m:
       op, calls = _op_and_calls(line[m.end():])
-      instructions.append((m.group(1), op, calls))
+      op_name = _OP_NAME.search(line)
+      op_name = op_name.group(1) if op_name else ''
+      instructions.append((m.group(1), op, calls, op_name))
       if current is not None:
         bodies[current].add(op)
+        if op_name:
+          body_op_name.setdefault(current, op_name)
       continue
     m = _COMPUTATION.match(line)
     if m:
       current = m.group(1)
+  return instructions, bodies, body_op_name
+
+
+def thunk_kinds(hlo_text: str) -> dict[str, str]:
+  """{instruction name: kind} for every instruction of a compiled module's text
+  (`compiled.as_text()`): a fusion by the ops of the computation it calls, any other
+  instruction by its own op ('control' for loops, conditionals and calls)."""
+  instructions, bodies, _ = _parse(hlo_text)
   kinds = {}
-  for name, op, calls in instructions:
+  for name, op, calls, _ in instructions:
     if op in _CONTROL:
       kinds[name] = 'control'
     elif op == 'fusion' and calls is not None:
@@ -105,16 +119,39 @@ def thunk_kinds(hlo_text: str) -> dict[str, str]:
   return kinds
 
 
+def _phase(op_name: str) -> str:
+  if 'transpose(jvp' in op_name:  # autodiff's transpose of the forward: the backward pass
+    return 'backward'
+  if 'jvp(' in op_name:
+    return 'forward'
+  return 'update'
+
+
+def thunk_phases(hlo_text: str) -> dict[str, str]:
+  """{instruction name: phase} (PHASES) from the op_name JAX records on each op: under
+  autodiff's transpose the backward pass, under its jvp alone the forward pass, anything
+  else (the optimizer's update, clipping, the non-finite guard) the update. A fusion
+  without an op_name of its own takes the first one inside it."""
+  instructions, _, body_op_name = _parse(hlo_text)
+  return {name: _phase(op_name or body_op_name.get(calls, ''))
+          for name, _, calls, op_name in instructions}
+
+
 @dataclasses.dataclass
 class StepProfile:
   """Per step, in milliseconds: `wall` of the traced steps, `by_kind` thread time of
-  each kind (KINDS), `busy` time with n threads running a thunk, `top` the busiest
-  thunks as (name, kind, thread ms)."""
+  each kind (KINDS), `busy` time with n threads running a thunk, `by_phase` each phase's
+  (PHASES) thread time, `phase_busy` its time with n >= 1 threads running one of its
+  thunks and `phase_thunks` its thunks run per step; `top` the busiest thunks as (name,
+  kind, thread ms)."""
   steps: int
   wall: float
   by_kind: dict[str, float]
   busy: dict[int, float]
   top: list[tuple[str, str, float]]
+  by_phase: dict[str, float] = dataclasses.field(default_factory=dict)
+  phase_busy: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+  phase_thunks: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def thunk_ms(self) -> float:
@@ -123,50 +160,71 @@ class StepProfile:
   def to_dict(self) -> dict:
     return dict(steps=self.steps, wall_ms=self.wall, thunk_ms=self.thunk_ms,
                 by_kind_ms=self.by_kind, busy_ms={str(k): v for k, v in self.busy.items()},
+                by_phase_ms=self.by_phase,
+                phase_busy_ms={p: {str(k): v for k, v in b.items()}
+                               for p, b in self.phase_busy.items()},
+                phase_thunks=self.phase_thunks,
                 top=[dict(name=n, kind=k, ms=ms) for n, k, ms in self.top])
 
 
-def summarize(events: list[dict], kinds: dict[str, str], steps: int, wall_s: float,
-              top: int = 8) -> StepProfile:
-  """A StepProfile of trace `events` (Chrome trace 'X' events: name, tid, ts, dur in
-  microseconds) of `steps` steps that took `wall_s` seconds. Events whose name is not
-  an instruction in `kinds` (the runtime's own, Python's) are left out."""
-  per_thunk: collections.Counter = collections.Counter()
-  intervals: dict[object, list[tuple[float, float]]] = collections.defaultdict(list)
-  for e in events:
-    kind = kinds.get(e.get('name'))
-    if e.get('ph') != 'X' or kind is None or kind == 'control':
-      continue
-    per_thunk[e['name']] += e['dur']
-    intervals[e['tid']].append((e['ts'], e['ts'] + e['dur']))
-  ms = lambda us: us / steps / 1e3
-  by_kind = {k: 0.0 for k in KINDS}
-  for name, us in per_thunk.items():
-    by_kind[kinds[name]] += ms(us)
-  # Sweep over every thread's merged busy intervals: how long n threads were busy at once.
+def _threads_busy(intervals: dict[object, list[tuple[float, float]]]) -> dict[int, float]:
+  """{n: microseconds during which n threads were inside one of their intervals}, n >= 1,
+  from each thread's (start, end) intervals (nested or overlapping ones count once)."""
   edges = []
   for spans in intervals.values():
-    spans.sort()
     merged = []
-    for start, end in spans:
+    for start, end in sorted(spans):
       if merged and start <= merged[-1][1]:
         merged[-1][1] = max(merged[-1][1], end)
       else:
         merged.append([start, end])
     edges += [(s, 1) for s, _ in merged] + [(e, -1) for _, e in merged]
-  edges.sort()
   busy: collections.Counter = collections.Counter()
   running, last = 0, None
-  for t, change in edges:
-    if last is not None and t > last:
+  for t, change in sorted(edges):
+    if last is not None and t > last and running:
       busy[running] += t - last
     running, last = running + change, t
-  busy_ms = {n: ms(us) for n, us in sorted(busy.items())}
-  # the traced steps' time outside any thunk (dispatch, waits) counts as 0 threads busy
-  busy_ms[0] = max(0.0, wall_s * 1e3 / steps - sum(v for n, v in busy_ms.items() if n))
+  return dict(sorted(busy.items()))
+
+
+def summarize(events: list[dict], kinds: dict[str, str], steps: int, wall_s: float,
+              top: int = 8, phases: dict[str, str] | None = None) -> StepProfile:
+  """A StepProfile of trace `events` (Chrome trace 'X' events: name, tid, ts, dur in
+  microseconds) of `steps` steps that took `wall_s` seconds. Events whose name is not
+  an instruction in `kinds` (the runtime's own, Python's) are left out; `phases`
+  ({name: phase}, `thunk_phases`) adds the split by phase."""
+  per_thunk: collections.Counter = collections.Counter()
+  runs: collections.Counter = collections.Counter()
+  intervals = collections.defaultdict(list)
+  phase_intervals = collections.defaultdict(lambda: collections.defaultdict(list))
+  for e in events:
+    kind = kinds.get(e.get('name'))
+    if e.get('ph') != 'X' or kind is None or kind == 'control':
+      continue
+    per_thunk[e['name']] += e['dur']
+    runs[e['name']] += 1
+    span = (e['ts'], e['ts'] + e['dur'])
+    intervals[e['tid']].append(span)
+    if phases is not None:
+      phase_intervals[phases.get(e['name'], 'update')][e['tid']].append(span)
+  ms = lambda us: us / steps / 1e3
+  by_kind = {k: 0.0 for k in KINDS}
+  by_phase = {p: 0.0 for p in PHASES} if phases is not None else {}
+  phase_thunks = dict.fromkeys(by_phase, 0.0)
+  for name, us in per_thunk.items():
+    by_kind[kinds[name]] += ms(us)
+    if phases is not None:
+      by_phase[phases.get(name, 'update')] += ms(us)
+      phase_thunks[phases.get(name, 'update')] += runs[name] / steps
+  busy = {n: ms(us) for n, us in _threads_busy(intervals).items()}
+  # the traced steps' time with no thunk running (dispatch, waits): 0 threads busy
+  busy = {0: max(0.0, wall_s * 1e3 / steps - sum(busy.values())), **busy}
+  phase_busy = {p: {n: ms(us) for n, us in _threads_busy(phase_intervals[p]).items()}
+                for p in by_phase}
   busiest = [(n, kinds[n], ms(us)) for n, us in per_thunk.most_common(top)]
-  return StepProfile(steps, wall_s * 1e3 / steps, by_kind, dict(sorted(busy_ms.items())),
-                     busiest)
+  return StepProfile(steps, wall_s * 1e3 / steps, by_kind, busy, busiest, by_phase,
+                     phase_busy, phase_thunks)
 
 
 def profile(step, state, batches: list, steps: int, hlo_text: str):
@@ -187,13 +245,14 @@ def profile(step, state, batches: list, steps: int, hlo_text: str):
       raise RuntimeError(f'the profiler wrote no perfetto trace under {trace_dir}')
     with gzip.open(found[0]) as f:
       events = json.load(f)['traceEvents']
-  return summarize(events, thunk_kinds(hlo_text), steps, wall), state
+  return summarize(events, thunk_kinds(hlo_text), steps, wall,
+                   phases=thunk_phases(hlo_text)), state
 
 
 def table(profiles: dict[str, dict]) -> str:
   """One line per case (`StepProfile.to_dict()`s, as the bench's JSON holds them): wall
   and thunk time per step, thread time by kind, and the time during which 0, 1, 2, ...
-  threads were busy; then each case's busiest thunks."""
+  threads were busy; then each case's thread time by phase, and its busiest thunks."""
   threads = sorted({int(n) for p in profiles.values() for n in p['busy_ms']})
   head = (f'{"variant":<16} {"wall ms":>8} {"thunk ms":>9} '
           + ' '.join(f'{k:>11}' for k in KINDS)
@@ -204,6 +263,15 @@ def table(profiles: dict[str, dict]) -> str:
                  + ' '.join(f'{p["by_kind_ms"][k]:11.2f}' for k in KINDS)
                  + ' | ' + ' ' * 24 + ' '.join(f'{p["busy_ms"].get(str(n), 0.0):7.2f}'
                                              for n in threads))
+  for name, p in profiles.items():
+    if not p['by_phase_ms']:
+      continue
+    lines.append(f'{name}, by phase (thread ms in thunks per step; ms with 1, 2, ... threads '
+                 'busy): ' + '; '.join(
+        f'{phase} {ms:.2f} in {p["phase_thunks"][phase]:.0f} (' + ', '.join(
+            f'{v:.2f}' for _, v in sorted(p['phase_busy_ms'][phase].items(),
+                                          key=lambda kv: int(kv[0]))) + ')'
+        for phase, ms in p['by_phase_ms'].items()))
   for name, p in profiles.items():
     lines.append(f'{name}, busiest thunks (thread ms per step): '
                  + ', '.join(f'{t["name"]} ({t["kind"]}) {t["ms"]:.2f}' for t in p['top']))
