@@ -1,19 +1,23 @@
 """Where a compiled step's time goes on CPU: XLA's own trace of its thunks, summed by
-kind of work and by how many threads were busy at once.
+kind of work, by phase and by how many threads were busy at once.
 
 XLA:CPU runs a compiled program as a sequence of thunks (a fused loop, a library dot,
 a copy); independent thunks may run side by side, and a thunk may split itself over
 the intra-op threads. Compiled with `TRACE_OPTION`, each thunk's run is an event in
 the profiler's trace, named as its instruction in the compiled HLO. `profile` traces a
-few steps and `summarize` reduces the events to
+few steps and `summarize` reduces the events to, per step:
 
-- `by_kind`: thread milliseconds per step of each kind of work (`KINDS`, read off the
-  ops inside each fused computation), and the busiest thunks;
-- `busy`: milliseconds per step during which 0, 1, 2, ... threads ran a thunk. On a
-  2-core machine, time with one thread busy is time the second core sat idle.
+- `by_kind`: thread milliseconds of each kind of work (`KINDS`, read off the ops inside
+  each fused computation), and the busiest thunks;
+- `by_phase`: the same split by forward pass, backward pass and update (`PHASES`, read
+  off the op names autodiff leaves), with each phase's thunk count;
+- `busy`: milliseconds during which 0, 1, 2, ... threads ran a thunk. A library that
+  splits one thunk's work over the pool (YNNPACK a large dot) runs the helpers' share
+  outside any thunk event, so this is the least concurrency there was.
 
-The bench prints both (`python -m scalejax.cli.bench --profile`), so that what a CPU
-kind does badly can be read off one command on each machine (docs/PERFORMANCE.md).
+The bench prints them (`python -m scalejax.cli.bench --profile_steps N`), so that what
+a CPU kind does badly can be read off one command on each machine (docs/PERFORMANCE.md).
+Tracing slows the step; compare the split, not the traced wall with an untraced one.
 """
 
 from __future__ import annotations
