@@ -39,9 +39,10 @@ what the project's compile options gain, each under one load:
 
 `--profile_steps=N` then traces N steps of each compiled variant with XLA's per-thunk
 events (`scalejax/train/step_profile.py`) and prints, per step, the thread time of each
-kind of work (dots, reductions, elementwise, transposes, copies) and how long 0, 1, 2,
-... threads ran a thunk at once: on a CPU, where a step's time goes and how much of it
-used every core. The figures go into the JSON's `profiles`.
+kind of work (dots, reductions, elementwise, transposes, copies) and of each phase
+(forward, backward, update) with its thunk count, and how long 0, 1, 2, ... threads ran
+a thunk at once: on a CPU, where a step's time goes and how much of it ran on several
+cores. The figures go into the JSON's `profiles`.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('json', '', 'write the results here as JSON', flag_values=fv)
   flags.DEFINE_integer('profile_steps', 0, 'after timing, trace this many steps of each '
                        'compiled variant with XLA\'s per-thunk events and print where their '
-                       'time goes: by kind of work and by threads busy (0: no profile)',
+                       'time goes: by kind of work, by phase and by threads busy (0: no '
+                       'profile)',
                        flag_values=fv)
   flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '
                     'torch) in the same rounds, as an external reference', flag_values=fv)
