@@ -15,9 +15,8 @@ few steps and `summarize` reduces the events to, per step:
   splits one thunk's work over the pool (YNNPACK a large dot) runs the helpers' share
   outside any thunk event, so this is the least concurrency there was.
 
-The bench prints them (`python -m scalejax.cli.bench --profile_steps N`), so that what
-a CPU kind does badly can be read off one command on each machine (docs/PERFORMANCE.md).
-Tracing slows the step; compare the split, not the traced wall with an untraced one.
+The bench prints them (`python -m scalejax.cli.bench --profile_steps N`). Tracing slows
+the step: compare the split, not the traced wall with an untraced one.
 """
 
 from __future__ import annotations
