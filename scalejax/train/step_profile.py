@@ -106,20 +106,38 @@ def _parse(hlo_text: str):
   return instructions, bodies, body_op_name
 
 
-def thunk_kinds(hlo_text: str) -> dict[str, str]:
-  """{instruction name: kind} for every instruction of a compiled module's text
-  (`compiled.as_text()`): a fusion by the ops of the computation it calls, any other
-  instruction by its own op ('control' for loops, conditionals and calls)."""
-  instructions, bodies, _ = _parse(hlo_text)
-  kinds = {}
-  for name, op, calls, _ in instructions:
+def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
+  """({instruction name: kind}, {instruction name: phase}) for every instruction of a
+  compiled module's text (`compiled.as_text()`), from one reading of it.
+
+  Kind: a fusion's from the ops of the computation it calls, any other instruction's
+  from its own op ('control' for loops, conditionals and calls). Phase (PHASES): from
+  the op_name JAX records on each op: under autodiff's transpose the backward pass,
+  under its jvp alone the forward pass, anything else (the optimizer's update,
+  clipping, the non-finite guard) the update; a fusion without an op_name of its own
+  takes the first one inside it.
+  """
+  instructions, bodies, body_op_name = _parse(hlo_text)
+  kinds, phases = {}, {}
+  for name, op, calls, op_name in instructions:
     if op in _CONTROL:
       kinds[name] = 'control'
     elif op == 'fusion' and calls is not None:
       kinds[name] = _kind(bodies.get(calls, set()))
     else:
       kinds[name] = _kind({op})
-  return kinds
+    phases[name] = _phase(op_name or body_op_name.get(calls, ''))
+  return kinds, phases
+
+
+def thunk_kinds(hlo_text: str) -> dict[str, str]:
+  """{instruction name: kind}: `classify`'s first half."""
+  return classify(hlo_text)[0]
+
+
+def thunk_phases(hlo_text: str) -> dict[str, str]:
+  """{instruction name: phase}: `classify`'s second half."""
+  return classify(hlo_text)[1]
 
 
 def _phase(op_name: str) -> str:
@@ -128,16 +146,6 @@ def _phase(op_name: str) -> str:
   if 'jvp(' in op_name:
     return 'forward'
   return 'update'
-
-
-def thunk_phases(hlo_text: str) -> dict[str, str]:
-  """{instruction name: phase} (PHASES) from the op_name JAX records on each op: under
-  autodiff's transpose the backward pass, under its jvp alone the forward pass, anything
-  else (the optimizer's update, clipping, the non-finite guard) the update. A fusion
-  without an op_name of its own takes the first one inside it."""
-  instructions, _, body_op_name = _parse(hlo_text)
-  return {name: _phase(op_name or body_op_name.get(calls, ''))
-          for name, _, calls, op_name in instructions}
 
 
 @dataclasses.dataclass
@@ -201,6 +209,7 @@ def summarize(events: list[dict], kinds: dict[str, str], steps: int, wall_s: flo
   runs: collections.Counter = collections.Counter()
   intervals = collections.defaultdict(list)
   phase_intervals = collections.defaultdict(lambda: collections.defaultdict(list))
+  phase_of = (lambda name: phases.get(name, 'update')) if phases is not None else None
   for e in events:
     kind = kinds.get(e.get('name'))
     if e.get('ph') != 'X' or kind is None or kind == 'control':
@@ -209,17 +218,17 @@ def summarize(events: list[dict], kinds: dict[str, str], steps: int, wall_s: flo
     runs[e['name']] += 1
     span = (e['ts'], e['ts'] + e['dur'])
     intervals[e['tid']].append(span)
-    if phases is not None:
-      phase_intervals[phases.get(e['name'], 'update')][e['tid']].append(span)
+    if phase_of:
+      phase_intervals[phase_of(e['name'])][e['tid']].append(span)
   ms = lambda us: us / steps / 1e3
   by_kind = {k: 0.0 for k in KINDS}
-  by_phase = {p: 0.0 for p in PHASES} if phases is not None else {}
+  by_phase = {p: 0.0 for p in PHASES} if phase_of else {}
   phase_thunks = dict.fromkeys(by_phase, 0.0)
   for name, us in per_thunk.items():
     by_kind[kinds[name]] += ms(us)
-    if phases is not None:
-      by_phase[phases.get(name, 'update')] += ms(us)
-      phase_thunks[phases.get(name, 'update')] += runs[name] / steps
+    if phase_of:
+      by_phase[phase_of(name)] += ms(us)
+      phase_thunks[phase_of(name)] += runs[name] / steps
   busy = {n: ms(us) for n, us in _threads_busy(intervals).items()}
   # the traced steps' time with no thunk running (dispatch, waits): 0 threads busy
   busy = {0: max(0.0, wall_s * 1e3 / steps - sum(busy.values())), **busy}
@@ -248,8 +257,8 @@ def profile(step, state, batches: list, steps: int, hlo_text: str):
       raise RuntimeError(f'the profiler wrote no perfetto trace under {trace_dir}')
     with gzip.open(found[0]) as f:
       events = json.load(f)['traceEvents']
-  return summarize(events, thunk_kinds(hlo_text), steps, wall,
-                   phases=thunk_phases(hlo_text)), state
+  kinds, phases = classify(hlo_text)
+  return summarize(events, kinds, steps, wall, phases=phases), state
 
 
 def table(profiles: dict[str, dict]) -> str:
