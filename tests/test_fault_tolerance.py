@@ -365,7 +365,38 @@ def test_guard_step_keeps_state_and_names_bad_gradients():
   assert int(kept3['bad_streak']) == 4 and int(kept3['bad_steps']) == 0
 
   kept4, _ = guard(state, new, jnp.float32(jnp.nan), good, good, 3)  # a NaN loss alone
-  chex.assert_trees_all_equal(kept4['params'], state['params'])
+
+def test_watch_reads_each_verdict_lag_steps_late_in_order(caplog):
+  caplog.set_level(logging.WARNING, logger='scalejax')
+  cfg = _cfg(max_bad_steps=2)
+
+  def verdict(streak, bad_steps):
+    return {'loss': jnp.float32(jnp.nan if streak else 1.0), 'bad_streak': jnp.int32(streak),
+            'bad_steps': jnp.int32(bad_steps), 'bad_leaves': {'w': jnp.bool_(streak > 0)}}
+
+  # Steps 1-7: good, bad (skipped), good, bad, bad (two in a row: the limit), then two
+  # steps the device no longer applies.
+  counts = {1: (0, 0), 2: (1, 1), 3: (0, 1), 4: (1, 2), 5: (2, 3), 6: (3, 3), 7: (4, 3)}
+  watch = nonfinite.NonFiniteWatch(cfg.train, lag=2)
+  said = {}
+  for step in range(1, 8):
+    said[step] = watch.push(step, verdict(*counts[step]))
+    if step == 4:  # step 2's verdict read at step 4's push, step 4's not yet
+      assert 'step 2: loss nan' in caplog.text and 'step 4:' not in caplog.text
+  assert [s for s, stop in said.items() if stop] == [7]  # step 5's verdict, read at 7
+  assert 'step 4: loss nan' in caplog.text and 'update skipped (1 in a row, 2 in this run)' in caplog.text
+  assert '2 non-finite step(s) in a row (steps 4-5' in said[7] and 'after step 3' in said[7]
+
+  # flush() reads what is pending, oldest first, and stops at the first limit reached.
+  watch = nonfinite.NonFiniteWatch(cfg.train, lag=2)
+  assert watch.push(1, verdict(1, 1)) is None and watch.push(2, verdict(2, 2)) is None
+  stop = watch.flush()
+  assert '(steps 1-2' in stop and 'after step 0' in stop
+  assert watch.flush() is None  # nothing left pending
+  # lag 1 is the loop that reads the previous step's verdict at once
+  watch = nonfinite.NonFiniteWatch(cfg.train, lag=1)
+  assert watch.push(1, verdict(1, 1)) is None and watch.push(2, verdict(2, 2)) is None
+  assert '(steps 1-2' in watch.push(3, verdict(3, 2))
 
 
 class _Poisoned:
@@ -416,18 +447,20 @@ def test_nan_steps_are_skipped_then_k_in_a_row_stop_with_last_good_state(
   assert '3 non-finite step(s) in a row (steps 8-10' in msg and 'max_bad_steps=3' in msg
   assert "non-finite gradients in ['" in msg and 'more' in msg
   assert 'are those after step 7' in msg and '\n' not in msg
-  # The run stopped at step 11 (the verdict is read one step late), saved there, and the
-  # saved params are those after step 7: steps 8-11 changed nothing.
-  assert _committed(tmp_path) == [7, 11]
+  # The run stopped at step 12 (the verdict is read two steps late), saved there, and
+  # the saved params are those after step 7: steps 8-12 changed nothing (11 and 12 are
+  # finite, but come after the limit).
+  assert nonfinite.VERDICT_LAG == 2
+  assert _committed(tmp_path) == [7, 12]
   mngr = ckpt.manager(str(tmp_path), 3)
-  meta = mngr.item_metadata(11)['state']
+  meta = mngr.item_metadata(12)['state']
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
   at7, _ = ckpt.restore(mngr, 7, abstract)
-  at11, _ = ckpt.restore(mngr, 11, abstract)
+  at12, _ = ckpt.restore(mngr, 12, abstract)
   mngr.close()
-  chex.assert_trees_all_equal(at11['params'], at7['params'])
-  chex.assert_trees_all_equal(at11['opt_state'], at7['opt_state'])
-  assert int(at11['bad_steps']) == 4 and int(at11['step']) == 11
+  chex.assert_trees_all_equal(at12['params'], at7['params'])
+  chex.assert_trees_all_equal(at12['opt_state'], at7['opt_state'])
+  assert int(at12['bad_steps']) == 4 and int(at12['step']) == 12
   counts = {r['step']: r['bad_steps'] for r in _records(tmp_path) if 'bad_steps' in r}
   assert [counts[s] for s in (2, 3, 7, 10)] == [0, 1, 1, 4]
 

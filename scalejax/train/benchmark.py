@@ -114,7 +114,7 @@ def build_case(cfg, variant: str, n_batches: int, call: str = 'compiled',
 @dataclasses.dataclass
 class LoopCase(Case):
   """Steps as `train.py` takes them (`trainer.advance`): the next batch from the data
-  pipeline put on the mesh, the jitted step, the previous step's verdict read."""
+  pipeline put on the mesh, the jitted step, the verdict of the step two before read."""
   run_: object = None
   watch: object = None
 

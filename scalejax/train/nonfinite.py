@@ -1,9 +1,10 @@
 """Non-finite steps: `guard_step` (inside the jitted step) keeps params and optimizer
 state of a step whose loss, gradients or updates are not finite; `NonFiniteWatch` (on the
-host, one step late) counts them and stops after `train.max_bad_steps` in a row."""
+host, `VERDICT_LAG` steps late) counts them and stops after `train.max_bad_steps` in a row."""
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import jax
@@ -12,6 +13,12 @@ import jax.numpy as jnp
 from scalejax.core.treepath import path_name
 
 log = logging.getLogger('scalejax')
+
+# Steps dispatched before a step's verdict is read. With 1 the loop waits for each step
+# as soon as the next is dispatched, and the next batch's host work then runs beside a
+# step that has just started on both cores; with 2 the verdict read is of a step long
+# done. Fixed, not "whenever ready", so where a run stops does not depend on timing.
+VERDICT_LAG = 2
 
 
 def counters() -> dict:
@@ -31,7 +38,8 @@ def guard_step(state: dict, new: dict, loss, grads, updates, limit: int):
   the update, so good steps cost next to nothing; which gradients went bad is computed
   under `lax.cond`, on bad steps only. Once `limit` bad steps in a row have happened
   no update is applied at all, so the state stays the last good one while the host,
-  which reads the verdict a step late, stops the run. `kept` carries the counters.
+  which reads the verdict `VERDICT_LAG` steps late, stops the run. `kept` carries the
+  counters.
   """
   finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
   ok = finite & (state['bad_streak'] < limit)
@@ -52,31 +60,34 @@ def _all_finite(tree) -> jax.Array:
 
 
 class NonFiniteWatch:
-  """Reads each step's verdict one step late, so the loop never waits on the device.
+  """Reads each step's verdict `lag` steps late, so the loop never waits on the device.
 
-  `push(step, metrics)` after dispatching a step returns a stop message once the
-  previous step ended a run of `limit` non-finite steps; `flush()` does the same for
-  the last step. Every skipped step is logged with the params whose gradients went bad.
+  `push(step, metrics)` after dispatching a step returns a stop message once the step
+  `lag` before it ended a run of `limit` non-finite steps; `flush()` reads the verdicts
+  still pending, in order, and does the same. Every skipped step is logged with the
+  params whose gradients went bad.
   """
 
-  def __init__(self, train_cfg):
+  def __init__(self, train_cfg, lag: int = VERDICT_LAG):
     self.policy, self.max_bad_steps = train_cfg.nan_policy, train_cfg.max_bad_steps
     self.limit = bad_step_limit(train_cfg)
-    self._pending = None
+    self.lag = lag
+    self._pending = collections.deque()
 
   def push(self, step: int, metrics: dict) -> str | None:
-    previous = self._pending
-    self._pending = (step, {k: metrics[k] for k in ('loss', 'bad_streak', 'bad_steps',
-                                                    'bad_leaves')})
-    return self._check(previous)
+    self._pending.append((step, {k: metrics[k] for k in ('loss', 'bad_streak', 'bad_steps',
+                                                         'bad_leaves')}))
+    return self._check(self._pending.popleft()) if len(self._pending) > self.lag else None
 
   def flush(self) -> str | None:
-    previous, self._pending = self._pending, None
-    return self._check(previous)
+    while self._pending:
+      stop = self._check(self._pending.popleft())
+      if stop:
+        self._pending.clear()
+        return stop
+    return None
 
   def _check(self, pending) -> str | None:
-    if pending is None:
-      return None
     step, m = pending
     streak = int(m['bad_streak'])
     if not streak:
