@@ -366,7 +366,7 @@ def test_guard_step_keeps_state_and_names_bad_gradients():
 
   kept4, _ = guard(state, new, jnp.float32(jnp.nan), good, good, 3)  # a NaN loss alone
 
-def test_watch_reads_each_verdict_lag_steps_late_in_order(caplog):
+def test_watch_reads_verdicts_in_groups_lag_steps_late_in_order(caplog):
   caplog.set_level(logging.WARNING, logger='scalejax')
   cfg = _cfg(max_bad_steps=2)
 
@@ -374,27 +374,30 @@ def test_watch_reads_each_verdict_lag_steps_late_in_order(caplog):
     return {'loss': jnp.float32(jnp.nan if streak else 1.0), 'bad_streak': jnp.int32(streak),
             'bad_steps': jnp.int32(bad_steps), 'bad_leaves': {'w': jnp.bool_(streak > 0)}}
 
-  # Steps 1-7: good, bad (skipped), good, bad, bad (two in a row: the limit), then two
-  # steps the device no longer applies.
-  counts = {1: (0, 0), 2: (1, 1), 3: (0, 1), 4: (1, 2), 5: (2, 3), 6: (3, 3), 7: (4, 3)}
-  watch = nonfinite.NonFiniteWatch(cfg.train, lag=2)
+  # Steps 1-8: good, bad (skipped), good, good, bad, bad (two in a row: the limit), then
+  # two steps the device no longer applies. Read at steps 4 and 8, up to 2 steps back.
+  counts = {1: (0, 0), 2: (1, 1), 3: (0, 1), 4: (0, 1), 5: (1, 2), 6: (2, 3), 7: (3, 3),
+            8: (4, 3)}
+  watch = nonfinite.NonFiniteWatch(cfg.train, lag=2, every=4)
   said = {}
-  for step in range(1, 8):
+  for step in range(1, 9):
     said[step] = watch.push(step, verdict(*counts[step]))
-    if step == 4:  # step 2's verdict read at step 4's push, step 4's not yet
-      assert 'step 2: loss nan' in caplog.text and 'step 4:' not in caplog.text
-  assert [s for s, stop in said.items() if stop] == [7]  # step 5's verdict, read at 7
-  assert 'step 4: loss nan' in caplog.text and 'update skipped (1 in a row, 2 in this run)' in caplog.text
-  assert '2 non-finite step(s) in a row (steps 4-5' in said[7] and 'after step 3' in said[7]
+    if step == 3:
+      assert 'loss nan' not in caplog.text  # nothing read before step 4
+    if step == 4:  # steps 1 and 2 read, 3 and 4 not yet
+      assert 'step 2: loss nan' in caplog.text and 'update skipped (1 in a row, 1 in' in caplog.text
+  assert [s for s, stop in said.items() if stop] == [8]  # step 6's verdict, read at 8
+  assert 'step 5: loss nan' in caplog.text and 'update skipped (1 in a row, 2 in this run)' in caplog.text
+  assert '2 non-finite step(s) in a row (steps 5-6' in said[8] and 'after step 4' in said[8]
 
   # flush() reads what is pending, oldest first, and stops at the first limit reached.
-  watch = nonfinite.NonFiniteWatch(cfg.train, lag=2)
+  watch = nonfinite.NonFiniteWatch(cfg.train, lag=2, every=4)
   assert watch.push(1, verdict(1, 1)) is None and watch.push(2, verdict(2, 2)) is None
   stop = watch.flush()
   assert '(steps 1-2' in stop and 'after step 0' in stop
   assert watch.flush() is None  # nothing left pending
-  # lag 1 is the loop that reads the previous step's verdict at once
-  watch = nonfinite.NonFiniteWatch(cfg.train, lag=1)
+  # lag 1, every step: each step's verdict read as the next is dispatched
+  watch = nonfinite.NonFiniteWatch(cfg.train, lag=1, every=1)
   assert watch.push(1, verdict(1, 1)) is None and watch.push(2, verdict(2, 2)) is None
   assert '(steps 1-2' in watch.push(3, verdict(3, 2))
 
@@ -447,10 +450,10 @@ def test_nan_steps_are_skipped_then_k_in_a_row_stop_with_last_good_state(
   assert '3 non-finite step(s) in a row (steps 8-10' in msg and 'max_bad_steps=3' in msg
   assert "non-finite gradients in ['" in msg and 'more' in msg
   assert 'are those after step 7' in msg and '\n' not in msg
-  # The run stopped at step 12 (the verdict is read two steps late), saved there, and
-  # the saved params are those after step 7: steps 8-12 changed nothing (11 and 12 are
-  # finite, but come after the limit).
-  assert nonfinite.VERDICT_LAG == 2
+  # The run stopped at step 12 (verdicts are read at every 4th step, those at least 2
+  # steps old), saved there, and the saved params are those after step 7: steps 8-12
+  # changed nothing (11 and 12 are finite, but come after the limit).
+  assert (nonfinite.VERDICT_LAG, nonfinite.VERDICT_EVERY) == (2, 4)
   assert _committed(tmp_path) == [7, 12]
   mngr = ckpt.manager(str(tmp_path), 3)
   meta = mngr.item_metadata(12)['state']
@@ -464,14 +467,16 @@ def test_nan_steps_are_skipped_then_k_in_a_row_stop_with_last_good_state(
   counts = {r['step']: r['bad_steps'] for r in _records(tmp_path) if 'bad_steps' in r}
   assert [counts[s] for s in (2, 3, 7, 10)] == [0, 1, 1, 4]
 
-  # nan_policy=stop: the first bad step stops the run; a rerun resumes past it.
+  # nan_policy=stop: the first bad step stops the run (step 3's verdict is read at step
+  # 8, with those of 4-6); a rerun resumes past it.
   _poison(monkeypatch, steps=[3])
-  cfg = _cfg(steps=6, nan_policy='stop')
+  cfg = _cfg(steps=10, nan_policy='stop')
   with pytest.raises(nonfinite.NonFiniteError, match=r'1 non-finite step\(s\) in a row \(steps 3-3'):
     trainer.train(cfg, str(tmp_path / 'stop'))
+  assert _committed(tmp_path / 'stop')[-1] == 8
   _poison(monkeypatch, steps=[])
   final = trainer.train(cfg, str(tmp_path / 'stop'))
-  assert final['step'] == 6 and np.isfinite(final['loss'])
+  assert final['step'] == 10 and np.isfinite(final['loss'])
 
 
 # --- changed config on resume -----------------------------------------------------

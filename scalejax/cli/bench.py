@@ -27,7 +27,7 @@ that PyTorch runs with its defaults, as nanoGPT's `train.py` does
 `--call=jit` times each step as a call of the jitted function inside the mesh context
 (its cache lookup and dispatch included) instead of a call of the compiled executable;
 `--call=loop` times the train loop's own step (`trainer.advance`: the next batch from
-the data pipeline put on the mesh, the jitted step, the verdict of the step two before read).
+the data pipeline put on the mesh, the jitted step, earlier steps' verdicts read in turn).
 `--call=untuned` times the compiled executable built with XLA's default options
 instead of the project's (`xla_flags.compiler_options`). Several calls time every
 variant once per call in the same rounds, so the ratio of `baseline@loop` to

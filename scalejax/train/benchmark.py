@@ -114,16 +114,18 @@ def build_case(cfg, variant: str, n_batches: int, call: str = 'compiled',
 @dataclasses.dataclass
 class LoopCase(Case):
   """Steps as `train.py` takes them (`trainer.advance`): the next batch from the data
-  pipeline put on the mesh, the jitted step, the verdict of the step two before read."""
+  pipeline put on the mesh, the jitted step, earlier steps' verdicts read in turn."""
   run_: object = None
   watch: object = None
+  steps_done: int = 0  # step numbers go on across rounds, as the watch expects
 
   def run(self, n: int) -> float:
     m = None
     with jax.set_mesh(self.mesh):
-      for i in range(n):
+      for _ in range(n):
+        self.steps_done += 1
         self.state, m, _ = trainer.advance(self.run_, self.step, self.state, self.watch,
-                                           i + 1, -1)
+                                           self.steps_done, -1)
       jax.block_until_ready(m)
     return float(m['loss'])
 

@@ -1,6 +1,6 @@
 """Non-finite steps: `guard_step` (inside the jitted step) keeps params and optimizer
 state of a step whose loss, gradients or updates are not finite; `NonFiniteWatch` (on the
-host, `VERDICT_LAG` steps late) counts them and stops after `train.max_bad_steps` in a row."""
+host, a few steps late) counts them and stops after `train.max_bad_steps` in a row."""
 
 from __future__ import annotations
 
@@ -14,11 +14,15 @@ from scalejax.core.treepath import path_name
 
 log = logging.getLogger('scalejax')
 
-# Steps dispatched before a step's verdict is read. With 1 the loop waits for each step
-# as soon as the next is dispatched, and the next batch's host work then runs beside a
-# step that has just started on both cores; with 2 the verdict read is of a step long
-# done. Fixed, not "whenever ready", so where a run stops does not depend on timing.
+# When the host reads the verdicts: at every VERDICT_EVERY-th step, those of the steps at
+# least VERDICT_LAG old. A read waits for its step to finish, and on a 2-core CPU each
+# wait, and the host work right after it, takes time from the step running beside it
+# (reading each step's verdict one step late, the loop's step took 1.02-1.04x the compiled
+# step's time; PERFORMANCE.md). Fixed steps, not "whenever ready", so where a run stops does not
+# depend on timing: at most VERDICT_LAG + VERDICT_EVERY - 1 steps after the limit is
+# reached, steps the device no longer applies (guard_step).
 VERDICT_LAG = 2
+VERDICT_EVERY = 4
 
 
 def counters() -> dict:
@@ -38,8 +42,8 @@ def guard_step(state: dict, new: dict, loss, grads, updates, limit: int):
   the update, so good steps cost next to nothing; which gradients went bad is computed
   under `lax.cond`, on bad steps only. Once `limit` bad steps in a row have happened
   no update is applied at all, so the state stays the last good one while the host,
-  which reads the verdict `VERDICT_LAG` steps late, stops the run. `kept` carries the
-  counters.
+  which reads the verdicts a few steps late (`NonFiniteWatch`), stops the run. `kept`
+  carries the counters.
   """
   finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
   ok = finite & (state['bad_streak'] < limit)
@@ -60,24 +64,31 @@ def _all_finite(tree) -> jax.Array:
 
 
 class NonFiniteWatch:
-  """Reads each step's verdict `lag` steps late, so the loop never waits on the device.
+  """Reads the steps' verdicts late and in groups, so the loop seldom waits on the device.
 
-  `push(step, metrics)` after dispatching a step returns a stop message once the step
-  `lag` before it ended a run of `limit` non-finite steps; `flush()` reads the verdicts
-  still pending, in order, and does the same. Every skipped step is logged with the
-  params whose gradients went bad.
+  `push(step, metrics)` after dispatching a step returns a stop message once a step read
+  then (at every `every`-th step, the steps at least `lag` old) ended a run of `limit`
+  non-finite steps; `flush()` reads the verdicts still pending, in order, and does the
+  same. Every skipped step is logged with the params whose gradients went bad.
   """
 
-  def __init__(self, train_cfg, lag: int = VERDICT_LAG):
+  def __init__(self, train_cfg, lag: int = VERDICT_LAG, every: int = VERDICT_EVERY):
     self.policy, self.max_bad_steps = train_cfg.nan_policy, train_cfg.max_bad_steps
     self.limit = bad_step_limit(train_cfg)
-    self.lag = lag
+    self.lag, self.every = lag, every
     self._pending = collections.deque()
 
   def push(self, step: int, metrics: dict) -> str | None:
     self._pending.append((step, {k: metrics[k] for k in ('loss', 'bad_streak', 'bad_steps',
                                                          'bad_leaves')}))
-    return self._check(self._pending.popleft()) if len(self._pending) > self.lag else None
+    if step % self.every:
+      return None
+    while self._pending and self._pending[0][0] <= step - self.lag:
+      stop = self._check(self._pending.popleft())
+      if stop:
+        self._pending.clear()
+        return stop
+    return None
 
   def flush(self) -> str | None:
     while self._pending:

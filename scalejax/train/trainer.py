@@ -363,7 +363,8 @@ def _train(cfg: ConfigDict, workdir, stop_at, mngr, stop_request, is_main, tasks
 
 def advance(run: Run, train_step, state, watch, step: int, last_step: int):
   """One step of the train loop: the next batch onto the mesh, the step dispatched, and
-  the verdict of the step `nonfinite.VERDICT_LAG` before it read (the last steps' at once).
+  the verdicts of earlier steps read when their turn comes (`nonfinite.NonFiniteWatch`;
+  the last steps' at once).
   Returns (state, metrics, a stop message or None). The bench's `--call=loop` times
   exactly this, so the loop's overhead over the step is measured in one process."""
   batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
