@@ -268,6 +268,16 @@ def test_loop_call_times_the_train_loops_own_step_next_to_the_compiled_one():
     benchmark.run_benchmark(cfg, ['baseline'], rounds=1, steps=1, warmup=0, call=['eager'])
 
 
+def test_loop_case_numbers_its_steps_across_rounds_so_the_watch_reads_them():
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  case = benchmark.build_case(cfg, 'baseline', 2, call='loop')
+  for _ in range(3):  # rounds of 5 steps: step numbers 1-15, not 1-5 three times
+    case.run(5)
+  assert case.steps_done == 15
+  # read at steps 4, 8, 12 (those at least 2 steps old): 11-15 still pending
+  assert [step for step, _ in case.watch._pending] == [11, 12, 13, 14, 15]
+
+
 def test_the_pytorch_reference_steps_in_its_own_process_and_counts_its_own_cpu(monkeypatch):
   if importlib.util.find_spec('torch') is None:  # not imported here: only the child needs it
     pytest.skip('needs torch (the [hf] extra)')
