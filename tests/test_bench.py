@@ -18,7 +18,7 @@ import pytest
 from scalejax.core import sharding
 from scalejax.scales.variants import VARIANTS
 from scalejax.train import benchmark, trainer
-from scalejax.train import metrics, step_profile, xla_flags
+from scalejax.train import matmuls, metrics, step_profile, xla_flags
 from scalejax.train.config import load_config
 
 ROOT = Path(__file__).parents[1]
@@ -30,7 +30,7 @@ def short_run(tmp_path_factory):
   proc = subprocess.run(
       [sys.executable, '-m', 'scalejax.cli.bench', '--config', 'configs/bench_tiny.py',
        '--variants', 'baseline,unified', '--rounds', '2', '--steps', '2', '--warmup', '1',
-       '--profile_steps', '2', '--json', str(out)],
+       '--profile_steps', '2', '--matmuls', '1', '--json', str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout, json.loads(out.read_text())
@@ -84,6 +84,62 @@ def test_profile_of_each_variant(short_run):
     assert sum(p['by_phase_ms'].values()) == pytest.approx(p['thunk_ms'])
     assert len(p['top']) == 8 and p['top'][0]['ms'] >= p['top'][-1]['ms']
   assert 'ms with n threads busy' in stdout and 'unified, busiest thunks' in stdout
+
+
+def test_matmuls_of_the_step_match_the_analytic_count_and_are_timed(short_run):
+  # --matmuls: the first compiled variant's dots read off its HLO, each timed alone
+  stdout, out = short_run
+  mm = out['matmuls']
+  assert mm['variant'] == 'baseline'
+  rows = mm['rows']
+  assert rows and all(r['xla_s'] > 0 and r['xla_gflops'] > 0 for r in rows)
+  assert all(r['torch_s'] is None for r in rows)  # no --nanogpt_torch: XLA alone (JSON null)
+  # The products' FLOPs, read off the compiled step, against counting.py's analytic
+  # count (6 per matmul weight per token plus attention): the HLO holds one more, the
+  # final norm's scale gradient as a [1, tokens] x [tokens, d] product (norms.py).
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  tokens, d = 4 * 16, cfg.model.d_model
+  analytic = out['results'][0]['flops_per_step']
+  assert mm['totals']['flops'] == analytic + 2 * tokens * d
+  assert matmuls.Product(1, 1, tokens, d).flops == 2 * tokens * d
+  assert any(r['batch'] == 1 and (r['m'], r['k'], r['n']) == (1, tokens, d) for r in rows)
+  # attention's two batched products per layer, forward and backward: batch x heads
+  assert any(r['batch'] == 4 * 2 for r in rows)
+  assert mm['totals']['xla_ms'] == pytest.approx(
+      1e3 * sum(r['xla_s'] * r['count'] for r in rows))
+  assert "baseline's matrix products" in stdout and "the step's dots" in stdout
+
+
+def test_matmul_products_read_off_hlo_by_hand_known_shapes():
+  a, b = jnp.ones((16, 8)), jnp.ones((8, 12))
+  x, y = jnp.ones((3, 16, 8)), jnp.ones((3, 8, 12))
+  w = jnp.ones((16, 12))
+
+  def f(a, b, x, y, w):
+    return (jnp.sum(a @ b) + jnp.sum(jnp.einsum('bmk,bkn->bmn', x, y))
+            + jnp.sum(a.T @ w))  # contracts the leading axis, as a weight gradient does
+  text = jax.jit(f).lower(a, b, x, y, w).compile().as_text()
+  assert matmuls.products(text) == {matmuls.Product(1, 16, 8, 12): 1,
+                                    matmuls.Product(3, 16, 8, 12): 1,
+                                    matmuls.Product(1, 8, 16, 12): 1}
+
+  def scanned(w_Nx8x8, x_4x8):  # a loop of 5 layers: each layer's products, 5 times
+    layer = lambda x, w: (jnp.tanh(x @ w), None)
+    return jnp.sum(jax.lax.scan(layer, x_4x8, w_Nx8x8)[0])
+  text = jax.jit(jax.grad(scanned)).lower(jnp.ones((5, 8, 8)), jnp.ones((4, 8))).compile().as_text()
+  # forward x @ w; backward dx = g @ w.T and dw = x.T @ g, each once per layer
+  assert matmuls.products(text) == {matmuls.Product(1, 4, 8, 8): 10,
+                                    matmuls.Product(1, 8, 4, 8): 5}
+  assert str(matmuls.Product(3, 16, 8, 12)) == '3x[16,8]x[8,12] f32'
+  assert matmuls.Product(3, 16, 8, 12).flops == 2 * 3 * 16 * 8 * 12
+
+
+def test_matmuls_need_a_compiled_call():
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  with pytest.raises(ValueError, match='--matmuls reads the products off a compiled step; '
+                                       'add compiled to --call'):
+    benchmark.run_benchmark(cfg, ['baseline'], rounds=1, steps=1, warmup=0, call='jit',
+                            matmul_rounds=1)
 
 
 def test_profile_needs_the_cpu_backend(monkeypatch):
@@ -295,6 +351,11 @@ def test_the_pytorch_reference_steps_in_its_own_process_and_counts_its_own_cpu(m
     cpu1, _ = case.clocks()
     assert math.isfinite(first) and last < first - 0.05, (first, last)
     assert cpu1 > cpu0  # the reference process's own CPU time, not this process's
+    # a matmul request: seconds of torch.matmul calls, the step's clocks untouched
+    product = matmuls.Product(2, 32, 16, 24)
+    few, many = case.matmul(product, 2), case.matmul(product, 400)
+    assert 0 < few < many, (few, many)
+    assert case.clocks()[0] == cpu1
   finally:
     case.close()
   assert case.proc.returncode == 0

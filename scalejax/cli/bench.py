@@ -43,6 +43,12 @@ kind of work (dots, reductions, elementwise, transposes, copies) and of each pha
 (forward, backward, update) with its thunk count, and how long 0, 1, 2, ... threads ran
 a thunk at once: on a CPU, where a step's time goes and how much of it ran on several
 cores. The figures go into the JSON's `profiles`.
+
+`--matmuls=R` then times each distinct matrix product of the first compiled variant's
+step alone (`scalejax/train/matmuls.py`), R rounds, as a jitted `jnp.matmul` and, with
+`--nanogpt_torch`, as `torch.matmul` in the reference's process, and sums them over the
+step: how much of a gap to PyTorch its matrix library alone explains on this CPU. The
+figures go into the JSON's `matmuls`.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from scalejax.cli import common  # noqa: E402
 from scalejax.scales.variants import VARIANTS  # noqa: E402
-from scalejax.train import metrics, step_profile  # noqa: E402
+from scalejax.train import matmuls, metrics, step_profile  # noqa: E402
 from scalejax.train.benchmark import CALLS, run_benchmark, table  # noqa: E402
 
 
@@ -81,6 +87,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                        'time goes: by kind of work, by phase and by threads busy (0: no '
                        'profile)',
                        flag_values=fv)
+  flags.DEFINE_integer('matmuls', 0, 'after timing, time each distinct matrix product of '
+                       'the first compiled variant\'s step alone, in this many rounds, in XLA '
+                       'and (with --nanogpt_torch) in PyTorch, and print both per shape '
+                       '(0: not)', flag_values=fv)
   flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '
                     'torch) in the same rounds, as an external reference', flag_values=fv)
 
@@ -95,7 +105,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   if not variants:
     raise ValueError('--variants is empty')
   out = run_benchmark(common.loaded_config(fv), variants, fv.rounds, fv.steps, fv.warmup,
-                      fv.nanogpt_torch, fv.call, fv.profile_steps)
+                      fv.nanogpt_torch, fv.call, fv.profile_steps, fv.matmuls)
   print(f'{out["machine"]["device_kind"]} x{out["machine"]["device_count"]}, '
         f'load {out["load_avg_start"]:.1f}->{out["load_avg_end"]:.1f}, '
         f'peak {out["peak_flops"] / 1e9:.1f} GFLOP/s ({out["peak_source"]}), '
@@ -103,6 +113,10 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   print(table(out['results']))
   if out['profiles']:
     print(step_profile.table(out['profiles']))
+  if out['matmuls']:
+    print(f'{out["matmuls"]["variant"]}\'s matrix products, each timed alone '
+          f'({fv.matmuls} rounds of 50 calls):')
+    print(matmuls.table(out['matmuls']['rows']))
   if fv.json:
     metrics.write_json(fv.json, out)
     print(f'wrote {fv.json}')

@@ -26,7 +26,7 @@ import jax
 
 from scalejax.core import sharding
 from scalejax.model import counting
-from scalejax.train import (metrics, nonfinite, step_profile, torch_reference, trainer,
+from scalejax.train import (matmuls, metrics, nonfinite, step_profile, torch_reference, trainer,
                              xla_flags)
 
 CALLS = ('compiled', 'jit', 'loop', 'untuned')  # what a timed step calls (--call)
@@ -171,6 +171,11 @@ class TorchReference(Case):
     self.answer = self._ask({'steps': n})
     return self.answer['loss']
 
+  def matmul(self, product, calls: int) -> float:
+    """Seconds of `calls` calls of torch.matmul on `product` (a `matmuls.Product`)."""
+    p = product
+    return self._ask({'matmul': [p.batch, p.m, p.k, p.n, p.dtype], 'calls': calls})['seconds']
+
   def clocks(self) -> tuple[float, int]:
     return self.answer['cpu_s'], self.answer['minor_faults']
 
@@ -276,13 +281,24 @@ def profile_cases(cases: list[Case], steps: int) -> dict[str, step_profile.StepP
   return out
 
 
+def time_step_products(cases: list[Case], rounds: int) -> tuple[str, list[dict]]:
+  """(variant, `matmuls.time_products` rows) of the first compiled case's step, against
+  the PyTorch reference when it is among `cases`."""
+  case = next(c for c in cases if c.lowered is not None)
+  reference = next((c for c in cases if isinstance(c, TorchReference)), None)
+  found = matmuls.products(case.step.as_text())
+  return case.name, matmuls.time_products(found, rounds, calls=50, reference=reference)
+
+
 def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int,
                   reference: bool = False, call: str | list[str] = 'compiled',
-                  profile_steps: int = 0) -> dict:
+                  profile_steps: int = 0, matmul_rounds: int = 0) -> dict:
   """`call`: one of CALLS, or several: every variant is then timed once per call, named
   'VARIANT@CALL' after the first (`baseline@loop` against `baseline`: the loop's cost).
   `profile_steps` > 0: after timing, each compiled case's steps are traced that many
-  times and summed by kind of work and threads busy (`profiles` in the result)."""
+  times and summed by kind of work and threads busy (`profiles` in the result).
+  `matmul_rounds` > 0: then the first compiled variant's matrix products are timed
+  alone in that many rounds, in XLA and (with `reference`) in PyTorch (`matmuls`)."""
   if profile_steps > 0 and jax.default_backend() != 'cpu':
     raise ValueError(f"--profile_steps reads XLA:CPU's per-thunk trace; this run is on "
                      f'{jax.default_backend()} (profile it with jax.profiler and TensorBoard)')
@@ -291,6 +307,9 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
   bad = [c for c in calls if c not in CALLS]
   if bad or not calls:
     raise ValueError(f'unknown --call {bad}; valid: {", ".join(CALLS)}')
+  if matmul_rounds > 0 and not {'compiled', 'untuned'} & set(calls):
+    raise ValueError('--matmuls reads the products off a compiled step; add compiled to '
+                     '--call')
   cases = [build_case(cfg, v, n_batches=min(steps, 16), call=c,
                       name=v if i == 0 else f'{v}@{c}')
            for i, c in enumerate(calls) for v in variants]
@@ -301,6 +320,7 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
   try:
     measure(cases, rounds, steps, warmup, peak.sample)
     profiles = profile_cases(cases, profile_steps) if profile_steps > 0 else {}
+    products = time_step_products(cases, matmul_rounds) if matmul_rounds > 0 else []
   finally:
     for case in cases:
       case.close()
@@ -314,4 +334,6 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
       call=','.join(calls),
       batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
       model=cfg.model.to_dict(), results=rows,
-      profiles={name: p.to_dict() for name, p in profiles.items()})
+      profiles={name: p.to_dict() for name, p in profiles.items()},
+      matmuls=dict(variant=products[0], rows=products[1], totals=matmuls.totals(products[1]))
+      if products else {})

@@ -48,7 +48,8 @@ _CONTROL = {'while', 'conditional', 'call', 'async-start', 'async-done'}
 
 _INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%([^\s=]+) = ')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s.*\{\s*$')
+# a computation's first line ('ENTRY %main ... {' or '%fused_computation.3 (...) -> ... {')
+COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s.*\{\s*$')
 
 
 def _op_and_calls(rest: str) -> tuple[str, str | None]:
@@ -100,7 +101,7 @@ def _parse(hlo_text: str):
         if op_name:
           body_op_name.setdefault(current, op_name)
       continue
-    m = _COMPUTATION.match(line)
+    m = COMPUTATION.match(line)
     if m:
       current = m.group(1)
   return instructions, bodies, body_op_name

@@ -13,7 +13,9 @@ same rounds as the JAX variants, so both see the same load on a shared machine.
 
 Protocol: the shape and optimizer as one JSON line on stdin, then one line per
 request, `{"steps": n}`, each answered (the shape too, once built) by `{"loss", "cpu_s",
-"minor_faults"}` (its own process's CPU time and page faults so far).
+"minor_faults"}` (its own process's CPU time and page faults so far). A request
+`{"matmul": [batch, m, k, n, dtype], "calls": c}` is answered by `{"seconds"}`: c calls
+of `torch.matmul` on random [batch, m, k] and [batch, k, n] tensors (`matmuls.py`).
 """
 
 from __future__ import annotations
@@ -98,13 +100,42 @@ def _clocks() -> dict:
           'minor_faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
 
 
+def matmul_timer():
+  """A function of ([batch, m, k, n, dtype], calls) that times `calls` calls of
+  torch.matmul on that product (its operands made once per product) in seconds."""
+  import torch
+  operands = {}
+
+  def run(product: list, calls: int) -> float:
+    key = tuple(product)
+    if key not in operands:
+      batch, m, k, n, dtype = key
+      dt = {'f32': torch.float32, 'bf16': torch.bfloat16, 'f16': torch.float16}[dtype]
+      gen = torch.Generator().manual_seed(0)
+      lead = (batch,) if batch > 1 else ()  # as matmuls.xla_timer shapes them
+      operands[key] = (torch.randn(*lead, m, k, generator=gen).to(dt),
+                       torch.randn(*lead, k, n, generator=gen).to(dt))
+      torch.matmul(*operands[key])  # warm: the library's first call sets itself up
+    a, b = operands[key]
+    t = time.perf_counter()
+    for _ in range(calls):
+      torch.matmul(a, b)
+    return time.perf_counter() - t
+  return run
+
+
 def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
   steps = build(json.loads(stdin.readline()))
+  matmul = matmul_timer()
   # Ready, with the clocks so far: the first timed steps do not count the start-up.
   print(json.dumps({'loss': float('nan'), **_clocks()}), file=stdout, flush=True)
   for line in stdin:
-    loss = steps(int(json.loads(line)['steps']))
-    print(json.dumps({'loss': loss, **_clocks()}), file=stdout, flush=True)
+    request = json.loads(line)
+    if 'matmul' in request:
+      answer = {'seconds': matmul(request['matmul'], int(request['calls']))}
+    else:
+      answer = {'loss': steps(int(request['steps'])), **_clocks()}
+    print(json.dumps(answer), file=stdout, flush=True)
 
 
 if __name__ == '__main__':
