@@ -46,6 +46,12 @@ HloModule jit_step, is_scheduled=true
   ROOT %b.1 = f32[8]{0} bitcast(%p0.4)
 }
 
+%fused_rw2 (p0.5: f32[], p1.5: f32[4,2]) -> f32[4,1] {
+  %p0.5 = f32[] parameter(0)
+  %p1.5 = f32[4,2]{1,0} parameter(1)
+  ROOT %rw.1 = f32[4,1]{1,0} reduce-window(%p1.5, %p0.5), window={size=1x2 stride=1x2}, to_apply=%region
+}
+
 %body (tp: (s32[], f32[4,2])) -> (s32[], f32[4,2]) {
   %tp = (s32[], f32[4,2]{1,0}) parameter(0)
   ROOT %t.2 = (s32[], f32[4,2]{1,0}) tuple(%tp)
@@ -70,6 +76,8 @@ ENTRY %main (x: f32[4,8], w: f32[8,2], y: f32[4,64]) -> f32[2,4] {
   %init = (s32[], f32[4,2]{1,0}) tuple(%zero, %dot.7)
   %while.2 = (s32[], /*index=1*/f32[4,2]{1,0}) while(%init), condition=%cond, body=%body
   %custom-call.1 = f32[4,2]{1,0} custom-call(%dot.7), custom_call_target="foo"
+  %copy.3 = f32[4,8]{1,0} copy(%x)
+  %wrapped_reduce-window.4 = f32[4,1]{1,0} fusion(%zero, %dot.7), kind=kLoop, calls=%fused_rw2
   ROOT %add.9 = f32[2,4]{1,0} add(%transpose_copy_fusion, %transpose_exponential_fusion)
 }
 """
@@ -94,7 +102,11 @@ def test_thunk_phases_follow_the_op_names_autodiff_leaves():
   assert phases['ynn_fusion'] == 'forward'  # jvp() alone
   assert phases['dot.7'] == 'backward'  # under transpose(jvp())
   assert phases['wrapped_reduce-window.3'] == 'backward'  # no op_name: the first inside
-  assert phases['add.9'] == 'update'  # none at all: outside autodiff
+  # None at all, inside or out (a reduction XLA split in two, a copy): its operands'.
+  # The split reduction of a backward dot's output is backward work, not the update.
+  assert phases['wrapped_reduce-window.4'] == 'backward'  # from dot.7, not the constant
+  assert phases['add.9'] == 'forward'  # through two unnamed fusions, from ynn_fusion
+  assert phases['copy.3'] == 'update'  # only a parameter before it: outside autodiff
 
 
 def _event(name, tid, start, dur):

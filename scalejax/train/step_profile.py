@@ -10,7 +10,8 @@ few steps and `summarize` reduces the events to, per step:
 - `by_kind`: thread milliseconds of each kind of work (`KINDS`, read off the ops inside
   each fused computation), and the busiest thunks;
 - `by_phase`: the same split by forward pass, backward pass and update (`PHASES`, read
-  off the op names autodiff leaves), with each phase's thunk count;
+  off the op names autodiff leaves; an instruction XLA made without one, such as half
+  of a split reduction, takes its inputs' phase), with each phase's thunk count;
 - `busy`: milliseconds during which 0, 1, 2, ... threads ran a thunk. A library that
   splits one thunk's work over the pool (YNNPACK a large dot) runs the helpers' share
   outside any thunk event, so this is the least concurrency there was.
@@ -52,8 +53,9 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s.*\{\s*$')
 
 
-def _op_and_calls(rest: str) -> tuple[str, str | None]:
-  """(opcode, called computation or None) of an instruction's text after ' = '."""
+def _op_and_calls(rest: str) -> tuple[str, str | None, list[str]]:
+  """(opcode, called computation or None, operand names) of an instruction's text after
+  ' = '."""
   if rest.startswith('('):  # a tuple shape: skip to its closing parenthesis
     depth = 0
     for i, ch in enumerate(rest):
@@ -63,9 +65,10 @@ def _op_and_calls(rest: str) -> tuple[str, str | None]:
         break
   else:
     rest = rest.split(' ', 1)[1] if ' ' in rest else ''
-  op = re.match(r'\s*([a-z][a-z0-9\-]*)\(', rest)
+  op = re.match(r'\s*([a-z][a-z0-9\-]*)\(([^)]*)\)', rest)
   calls = re.search(r'calls=%([^\s,]+)', rest)
-  return (op.group(1) if op else ''), (calls.group(1) if calls else None)
+  operands = re.findall(r'%([^\s,]+)', op.group(2)) if op else []
+  return (op.group(1) if op else ''), (calls.group(1) if calls else None), operands
 
 
 def _kind(ops: set[str]) -> str:
@@ -83,8 +86,8 @@ def _kind(ops: set[str]) -> str:
 
 
 def _parse(hlo_text: str):
-  """[(name, op, called computation, op_name)] of every instruction, and per computation
-  the set of its ops and the first op_name in it."""
+  """[(name, op, called computation, op_name, operands)] of every instruction, and per
+  computation the set of its ops and the first op_name in it."""
   bodies: dict[str, set[str]] = collections.defaultdict(set)
   body_op_name: dict[str, str] = {}
   instructions = []
@@ -92,10 +95,10 @@ def _parse(hlo_text: str):
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
     if m:
-      op, calls = _op_and_calls(line[m.end():])
+      op, calls, operands = _op_and_calls(line[m.end():])
       op_name = _OP_NAME.search(line)
       op_name = op_name.group(1) if op_name else ''
-      instructions.append((m.group(1), op, calls, op_name))
+      instructions.append((m.group(1), op, calls, op_name, operands))
       if current is not None:
         bodies[current].add(op)
         if op_name:
@@ -116,19 +119,28 @@ def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
   the op_name JAX records on each op: under autodiff's transpose the backward pass,
   under its jvp alone the forward pass, anything else (the optimizer's update,
   clipping, the non-finite guard) the update; a fusion without an op_name of its own
-  takes the first one inside it.
+  takes the first one inside it. An instruction with none at all is one XLA made (a
+  reduction it split in two, a copy): it takes the phase of its first operand that
+  has one, as the work it continues, and is the update only when none has.
   """
   instructions, bodies, body_op_name = _parse(hlo_text)
-  kinds, phases = {}, {}
-  for name, op, calls, op_name in instructions:
+  kinds, own, operands = {}, {}, {}
+  for name, op, calls, op_name, args in instructions:
     if op in _CONTROL:
       kinds[name] = 'control'
     elif op == 'fusion' and calls is not None:
       kinds[name] = _kind(bodies.get(calls, set()))
     else:
       kinds[name] = _kind({op})
-    phases[name] = _phase(op_name or body_op_name.get(calls, ''))
-  return kinds, phases
+    own[name] = op_name or body_op_name.get(calls, '')
+    operands[name] = args
+  # the op_name each instruction's phase is read from; the text lists an instruction's
+  # operands before it, so one pass in order sees them first
+  named: dict[str, str] = {}
+  for name, *_ in instructions:
+    named[name] = own[name] or next(
+        (named[a] for a in operands[name] if named.get(a)), '')
+  return kinds, {name: _phase(source) for name, source in named.items()}
 
 
 def thunk_kinds(hlo_text: str) -> dict[str, str]:
