@@ -126,7 +126,8 @@ def test_matmul_products_read_off_hlo_by_hand_known_shapes():
   def scanned(w_Nx8x8, x_4x8):  # a loop of 5 layers: each layer's products, 5 times
     layer = lambda x, w: (jnp.tanh(x @ w), None)
     return jnp.sum(jax.lax.scan(layer, x_4x8, w_Nx8x8)[0])
-  text = jax.jit(jax.grad(scanned)).lower(jnp.ones((5, 8, 8)), jnp.ones((4, 8))).compile().as_text()
+  text = jax.jit(jax.grad(scanned)).lower(jnp.ones((5, 8, 8)),
+                                          jnp.ones((4, 8))).compile().as_text()
   # forward x @ w; backward dx = g @ w.T and dw = x.T @ g, each once per layer
   assert matmuls.products(text) == {matmuls.Product(1, 4, 8, 8): 10,
                                     matmuls.Product(1, 8, 4, 8): 5}

@@ -26,8 +26,8 @@ import jax
 
 from scalejax.core import sharding
 from scalejax.model import counting
-from scalejax.train import (matmuls, metrics, nonfinite, step_profile, torch_reference, trainer,
-                             xla_flags)
+from scalejax.train import (matmuls, metrics, nonfinite, step_profile, torch_reference,
+                            trainer, xla_flags)
 
 CALLS = ('compiled', 'jit', 'loop', 'untuned')  # what a timed step calls (--call)
 
@@ -320,7 +320,7 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
   try:
     measure(cases, rounds, steps, warmup, peak.sample)
     profiles = profile_cases(cases, profile_steps) if profile_steps > 0 else {}
-    products = time_step_products(cases, matmul_rounds) if matmul_rounds > 0 else []
+    products = time_step_products(cases, matmul_rounds) if matmul_rounds > 0 else None
   finally:
     for case in cases:
       case.close()
@@ -335,5 +335,5 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
       batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
       model=cfg.model.to_dict(), results=rows,
       profiles={name: p.to_dict() for name, p in profiles.items()},
-      matmuls=dict(variant=products[0], rows=products[1], totals=matmuls.totals(products[1]))
-      if products else {})
+      matmuls={} if products is None else dict(variant=products[0], rows=products[1],
+                                               totals=matmuls.totals(products[1])))

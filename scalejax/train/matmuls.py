@@ -158,7 +158,8 @@ def xla_timer(p: Product, seed: int = 0):
 _SETTLE_S = 0.2
 
 
-def time_products(found: collections.Counter, rounds: int, calls: int, reference=None) -> list[dict]:
+def time_products(found: collections.Counter, rounds: int, calls: int,
+                  reference=None) -> list[dict]:
   """Per Product of `found`: median seconds per call over `rounds` rounds of `calls`
   calls in XLA and, with `reference` (a `benchmark.TorchReference`), in PyTorch: in
   each round every product in XLA, then every product in PyTorch."""
