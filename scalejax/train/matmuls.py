@@ -62,72 +62,56 @@ def _dims(text: str, key: str) -> tuple[int, ...]:
   return tuple(int(d) for d in m.group(1).split(',') if d) if m else ()
 
 
-def _runs(hlo_text: str) -> dict[str, int]:
-  """{computation: times one run of the module runs it}: the entry once, a loop's body
-  and condition its known trip count times its caller's runs (1 where XLA knows none),
-  anything else called as often as its caller."""
-  callers = collections.defaultdict(list)  # computation: [(caller, factor)]
-  entry, current = None, None
+def products(hlo_text: str) -> collections.Counter:
+  """{Product: how many times one run of the compiled module computes it} from the
+  module's text: each dot's operand shapes give its batch, contracted and free sizes
+  (m: the lhs's free dims, n: the rhs's), and a dot in a loop's body counts once per
+  iteration (XLA's known trip count; 1 where it knows none). Dots of an element type
+  PyTorch cannot time here (integers) are left out."""
+  shapes, dtypes = {}, {}
+  dots = []  # (computation, Product)
+  callers = collections.defaultdict(list)  # computation: [(caller, runs per call)]
+  entry = current = None
   for line in hlo_text.splitlines():
     head = step_profile.COMPUTATION.match(line)
     if head:
       current = head.group(1)
       entry = current if line.startswith('ENTRY') else entry
       continue
-    if current is None or ' = ' not in line:
-      continue
+    array = _ARRAY.match(line)
+    if array:  # operands come before their users in the text
+      shapes[array.group(1)] = tuple(int(d) for d in array.group(3).split(',') if d)
+      dtypes[array.group(1)] = array.group(2)
     trips = _TRIP_COUNT.search(line) if ' while(' in line else None
     for single, branches in _CALLED.findall(line):
       for callee in [single] if single else re.findall(r'%([^\s,]+)', branches):
         callers[callee].append((current, int(trips.group(1)) if trips else 1))
+    dot = _DOT.search(line)
+    if dot and array:
+      lhs, rhs = (name.lstrip('%') for name in dot.groups())
+      if lhs in shapes and rhs in shapes and dtypes[lhs] in DTYPES:
+        dots.append((current, _product(shapes[lhs], shapes[rhs], dtypes[lhs],
+                                       line[dot.end():])))
   runs: dict[str, int] = {}
 
   def count(name: str) -> int:  # HLO's call graph has no cycles
     if name not in runs:
       runs[name] = 1 if name == entry else sum(count(c) * k for c, k in callers[name])
     return runs[name]
-  for name in list(callers) + [entry]:
-    if name is not None:
-      count(name)
-  return runs
-
-
-def products(hlo_text: str) -> collections.Counter:
-  """{Product: how many times one run of the compiled module computes it} from the
-  module's text: each dot's operand shapes give its batch, contracted and free sizes
-  (m: the lhs's free dims, n: the rhs's), and a dot in a loop's body counts once per
-  iteration. Dots of an element type PyTorch cannot time here (integers) are left out."""
-  shapes, dtypes = {}, {}
-  for line in hlo_text.splitlines():
-    m = _ARRAY.match(line)
-    if m:
-      shapes[m.group(1)] = tuple(int(d) for d in m.group(3).split(',') if d)
-      dtypes[m.group(1)] = m.group(2)
-  runs = _runs(hlo_text)
   found: collections.Counter = collections.Counter()
-  current = None
-  for line in hlo_text.splitlines():
-    head = step_profile.COMPUTATION.match(line)
-    if head:
-      current = head.group(1)
-      continue
-    dot = _DOT.search(line)
-    if not dot or not _ARRAY.match(line):
-      continue
-    lhs, rhs = (name.lstrip('%') for name in dot.groups())
-    if lhs not in shapes or rhs not in shapes or dtypes[lhs] not in DTYPES:
-      continue
-    attrs = line[dot.end():]
-    lb, lc = _dims(attrs, 'lhs_batch_dims'), _dims(attrs, 'lhs_contracting_dims')
-    rb, rc = _dims(attrs, 'rhs_batch_dims'), _dims(attrs, 'rhs_contracting_dims')
-    ls, rs = shapes[lhs], shapes[rhs]
-    size = lambda s, dims: math.prod(s[d] for d in dims)
-    free = lambda s, used: math.prod(d for i, d in enumerate(s) if i not in used)
-    product = Product(size(ls, lb), free(ls, lb + lc), size(ls, lc), free(rs, rb + rc),
-                      dtypes[lhs])
-    if runs.get(current, 0):
-      found[product] += runs[current]
+  for computation, product in dots:
+    if count(computation):
+      found[product] += count(computation)
   return found
+
+
+def _product(ls: tuple, rs: tuple, dtype: str, attrs: str) -> Product:
+  """The Product of a dot with operand shapes `ls`, `rs` and attributes `attrs`."""
+  lb, lc = _dims(attrs, 'lhs_batch_dims'), _dims(attrs, 'lhs_contracting_dims')
+  rb, rc = _dims(attrs, 'rhs_batch_dims'), _dims(attrs, 'rhs_contracting_dims')
+  size = lambda s, dims: math.prod(s[d] for d in dims)
+  free = lambda s, used: math.prod(d for i, d in enumerate(s) if i not in used)
+  return Product(size(ls, lb), free(ls, lb + lc), size(ls, lc), free(rs, rb + rc), dtype)
 
 
 def xla_timer(p: Product, seed: int = 0):
@@ -167,7 +151,8 @@ def time_products(found: collections.Counter, rounds: int, calls: int,
   xla_s = collections.defaultdict(list)
   torch_s = collections.defaultdict(list)
   for _ in range(rounds):
-    time.sleep(_SETTLE_S if reference is not None else 0)
+    if reference is not None:
+      time.sleep(_SETTLE_S)
     for p, run in timers.items():
       xla_s[p].append(run(calls) / calls)
     if reference is not None:

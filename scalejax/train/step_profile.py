@@ -10,8 +10,8 @@ few steps and `summarize` reduces the events to, per step:
 - `by_kind`: thread milliseconds of each kind of work (`KINDS`, read off the ops inside
   each fused computation), and the busiest thunks;
 - `by_phase`: the same split by forward pass, backward pass and update (`PHASES`, read
-  off the op names autodiff leaves; an instruction XLA made without one, such as half
-  of a split reduction, takes its inputs' phase), with each phase's thunk count;
+  off the op names autodiff leaves, or for an instruction without one, off its
+  operands'), with each phase's thunk count;
 - `busy`: milliseconds during which 0, 1, 2, ... threads ran a thunk. A library that
   splits one thunk's work over the pool (YNNPACK a large dot) runs the helpers' share
   outside any thunk event, so this is the least concurrency there was.
@@ -119,27 +119,23 @@ def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
   the op_name JAX records on each op: under autodiff's transpose the backward pass,
   under its jvp alone the forward pass, anything else (the optimizer's update,
   clipping, the non-finite guard) the update; a fusion without an op_name of its own
-  takes the first one inside it. An instruction with none at all is one XLA made (a
-  reduction it split in two, a copy): it takes the phase of its first operand that
-  has one, as the work it continues, and is the update only when none has.
+  takes the first one inside it. An instruction with none, in it or inside it (half of a
+  reduction XLA split in two, a copy), takes the phase of its first operand that has
+  one; with none there either, the update.
   """
   instructions, bodies, body_op_name = _parse(hlo_text)
-  kinds, own, operands = {}, {}, {}
-  for name, op, calls, op_name, args in instructions:
+  # kinds, and the op_name each phase is read from: the text lists an instruction's
+  # operands before it, so one pass in order has them already
+  kinds, named = {}, {}
+  for name, op, calls, op_name, operands in instructions:
     if op in _CONTROL:
       kinds[name] = 'control'
     elif op == 'fusion' and calls is not None:
       kinds[name] = _kind(bodies.get(calls, set()))
     else:
       kinds[name] = _kind({op})
-    own[name] = op_name or body_op_name.get(calls, '')
-    operands[name] = args
-  # the op_name each instruction's phase is read from; the text lists an instruction's
-  # operands before it, so one pass in order sees them first
-  named: dict[str, str] = {}
-  for name, *_ in instructions:
-    named[name] = own[name] or next(
-        (named[a] for a in operands[name] if named.get(a)), '')
+    named[name] = op_name or body_op_name.get(calls, '') or next(
+        (named[a] for a in operands if named.get(a)), '')
   return kinds, {name: _phase(source) for name, source in named.items()}
 
 
