@@ -40,6 +40,27 @@ def randomize_scales(module, seed=1):
   nnx.update(module, state)
 
 
+def count_eqns(jaxpr, predicate) -> int:
+  """Equations of a (closed) jaxpr, nested ones included (scan bodies, custom
+  derivatives' functions), for which `predicate(eqn)` holds."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += bool(predicate(eqn))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else (value,):
+        if hasattr(getattr(sub, 'jaxpr', sub), 'eqns'):
+          n += count_eqns(sub, predicate)
+  return n
+
+
+def is_matrix_product(eqn) -> bool:
+  """A dot_general of two operands of rank 2 or more (not the matrix-vector products
+  that sum rows on CPU, `reductions.row_sum`)."""
+  return (eqn.primitive.name == 'dot_general'
+          and all(v.aval.ndim >= 2 for v in eqn.invars))
+
+
 def child_xla_flags(devices: int | None = None) -> str:
   """XLA_FLAGS for a subprocess: the session's flags, with `devices` emulated CPU devices."""
   own = f' --xla_force_host_platform_device_count={devices}' if devices else ''

@@ -12,11 +12,18 @@ from scalejax.core import roles
 from scalejax.model.layers import Linear
 from scalejax.scales.norms import SCALE_FORMS, Norm, NormSpec, rms_scale, rms_stats
 
+from _util import count_eqns
+
 D = 16
 
 
 def _x(shape=(2, 5, D), seed=0, dtype=jnp.float32):
   return (3.0 * jax.random.normal(jax.random.key(seed), shape) + 0.5).astype(dtype)
+
+
+def _plain_rms(x, eps=1e-6):
+  """The RMS normalization written out, autodiff's gradients: the reference."""
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 class ScaleFormTest(chex.TestCase, parameterized.TestCase):
@@ -89,8 +96,7 @@ class BranchTest(chex.TestCase):
     """HG adds multiplies, not reductions: one mean-of-squares per call."""
     hg = Norm(NormSpec(), D, roles.INPUT_SCALE, branches=('q', 'k', 'v'))
     jaxpr = jax.make_jaxpr(lambda x: hg(x))(_x())
-    n_reduce = sum(eqn.primitive.name == 'reduce_sum' for eqn in jaxpr.jaxpr.eqns)
-    assert n_reduce == 1
+    assert count_eqns(jaxpr, lambda eqn: eqn.primitive.name == 'reduce_sum') == 1
 
 
 class DualTest(chex.TestCase):
@@ -107,7 +113,7 @@ class DualTest(chex.TestCase):
     x = _x()
     plain = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1))
     dnp = Linear(D, 8, ('embed', 'mlp'), rngs=nnx.Rngs(1), dual='dnp', norm=NormSpec())
-    want = rms_stats(plain(x), 1e-6)
+    want = _plain_rms(plain(x))
     chex.assert_trees_all_close(self.variant(lambda x: dnp(x))(x), want, rtol=1e-5)
 
   def test_dp_output_scale_multiplies(self):
@@ -158,7 +164,7 @@ def test_rms_scale_custom_gradient_equals_autodiff(dtype, tol):
   x = _x((3, 7, D), dtype=dtype)
   gamma = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (D,))
   cot = jax.random.normal(jax.random.key(2), x.shape).astype(dtype)
-  reference = lambda x, g: (rms_stats(x.astype(jnp.float32), 1e-6) * g).astype(x.dtype)
+  reference = lambda x, g: (_plain_rms(x.astype(jnp.float32)) * g).astype(x.dtype)
   lean = lambda x, g: rms_scale(x, g, 1e-6)
   out_ref, vjp_ref = jax.vjp(reference, x, gamma)
   out, vjp = jax.vjp(lean, x, gamma)
@@ -172,17 +178,21 @@ def test_rms_scale_custom_gradient_equals_autodiff(dtype, tol):
 
 @pytest.mark.parametrize('platform', ['cpu', 'tpu'])
 def test_rms_scale_gradient_of_gamma_on_each_backend_path(platform, monkeypatch):
-  """d(gamma) is a matvec with 1/rms on CPU and a fused sum elsewhere: both are the
-  gradient of the plain composition."""
+  """The sums of the backward pass are matrix-vector products on CPU and fused sums
+  elsewhere: both are the gradient of the plain composition, d(x) and d(gamma)."""
   from scalejax.core import sharding
   monkeypatch.setattr(sharding, 'platform', lambda: platform)
   x = _x((3, 7, D))
   gamma = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (D,))
   cot = jax.random.normal(jax.random.key(2), x.shape)
-  reference = lambda g: rms_stats(x, 1e-6) * g
-  want = jax.vjp(reference, gamma)[1](cot)
-  got = jax.vjp(lambda g: rms_scale(x, g, 1e-6), gamma)[1](cot)
+  reference = lambda x, g: _plain_rms(x) * g
+  want = jax.vjp(reference, x, gamma)[1](cot)
+  got = jax.vjp(lambda x, g: rms_scale(x, g, 1e-6), x, gamma)[1](cot)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+  # the statistics alone (the folding path: a norm whose scale goes into the next kernel)
+  want, vjp_want = jax.vjp(_plain_rms, x)
+  got, vjp_got = jax.vjp(lambda x: rms_stats(x, 1e-6), x)
+  chex.assert_trees_all_close((got, vjp_got(cot)), (want, vjp_want(cot)), rtol=1e-5, atol=1e-5)
 
 
 def test_norm_saves_no_normalized_copy_for_its_backward():
@@ -190,7 +200,7 @@ def test_norm_saves_no_normalized_copy_for_its_backward():
   x = _x((4, 64, D))
   norm = Norm(NormSpec(), D, roles.INPUT_SCALE)
   graphdef, params = nnx.split(norm)
-  reference = lambda p, x: (rms_stats(x, 1e-6) * nnx.merge(graphdef, p).gammas()[0])
+  reference = lambda p, x: (_plain_rms(x) * nnx.merge(graphdef, p).gammas()[0])
 
   def full_size_residuals(f):
     _, vjp = jax.vjp(f, params, x)  # the vjp closure holds the residuals as its leaves

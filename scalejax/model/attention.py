@@ -28,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from scalejax.core import sharding
+from scalejax.core import reductions, sharding
 
 IMPLS = ('auto', 'xla', 'cudnn', 'splash')
 AUTO = {'tpu': 'splash', 'gpu': 'cudnn'}  # platform -> fused kernel; others: xla
@@ -210,8 +210,7 @@ def xla_backward(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, probs_BxNxLxS, d_out_BxLxNxH):
   d_probs = jnp.einsum('blnh,bsnh->bnls', d_out_BxLxNxH, v_BxSxNxH,
                        preferred_element_type=jnp.float32)
   # softmax's backward; masked entries have probability 0 and so get no gradient
-  d_logits = probs_BxNxLxS * (d_probs - jnp.sum(d_probs * probs_BxNxLxS, axis=-1,
-                                                keepdims=True))
+  d_logits = probs_BxNxLxS * (d_probs - reductions.row_sum(d_probs * probs_BxNxLxS))
   d_logits = (d_logits * jnp.float32(h ** -0.5)).astype(q_BxLxNxH.dtype)
   dq = jnp.einsum('bnls,bsnh->blnh', d_logits, k_BxSxNxH)
   dk = jnp.einsum('bnls,blnh->bsnh', d_logits, q_BxLxNxH)

@@ -87,14 +87,20 @@ class Linear(nnx.Module):
       w = w if v is None else v[:, None] * w
     return x, w
 
-  def finish(self, y: jax.Array) -> jax.Array:
-    """The output side: DP's scale or DNP's norm (identity without one)."""
+  def finish(self, y: jax.Array, inv_rms: jax.Array | None = None) -> jax.Array:
+    """The output side: DP's scale or DNP's norm (identity without one). `inv_rms`:
+    `self.inv_rms(y)`, computed earlier."""
     if self.dual == 'dp':
       u = self.post()
       return y if u is None else (y * u).astype(y.dtype)
     if self.dual == 'dnp':
-      return self.post(y)
+      return self.post(y, inv_rms)
     return y
+
+  def inv_rms(self, y: jax.Array) -> jax.Array | None:
+    """The statistics of DNP's norm of y (`Norm.inv_rms`), None without one: what a
+    backward pass that recomputes `finish(y)` keeps besides y."""
+    return self.post.inv_rms(y) if self.dual == 'dnp' else None
 
   def finish_rows(self, y_RxF: jax.Array, copy_R: jax.Array) -> jax.Array:
     """`finish` of a stacked Linear (params with a leading axis of copies, e.g. the
@@ -197,13 +203,14 @@ class Attention(nnx.Module):
     scale, DNP's norm, QK-norm), for which autodiff keeps the projections as well."""
     return self.q_norm is not None or any(m.dual != 'none' for m in (self.q, self.k, self.v))
 
-  def rotated(self, q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L):
+  def rotated(self, q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L, inv_rms=(None,) * 3):
     """The projections as attention reads them: the maps' output side (DP/DNP), heads
-    split, QK-norm, RoPE."""
+    split, QK-norm, RoPE. `inv_rms`: DNP's statistics of q, k, v computed earlier."""
     b, l, _ = q_BxLxNH.shape
-    q_BxLxNxH = self.q.finish(q_BxLxNH).reshape(b, l, self.n_heads, self.h)
-    k_BxLxKxH = self.k.finish(k_BxLxKH).reshape(b, l, self.n_kv, self.h)
-    v_BxLxKxH = self.v.finish(v_BxLxKH).reshape(b, l, self.n_kv, self.h)
+    r_q, r_k, r_v = inv_rms
+    q_BxLxNxH = self.q.finish(q_BxLxNH, r_q).reshape(b, l, self.n_heads, self.h)
+    k_BxLxKxH = self.k.finish(k_BxLxKH, r_k).reshape(b, l, self.n_kv, self.h)
+    v_BxLxKxH = self.v.finish(v_BxLxKH, r_v).reshape(b, l, self.n_kv, self.h)
     if self.q_norm is not None:
       q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
     q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta, self.rope_math)
@@ -213,28 +220,32 @@ class Attention(nnx.Module):
 
 def _attend_recomputing(att: Attention, q, k, v, positions_L):
   """`attention.attend(*att.rotated(q, k, v))` for the `xla` path, keeping only the
-  projections and the attention probabilities for the backward pass, which recomputes
-  the rotated q, k, v from them. With an output side (DP, DNP) or QK-norm autodiff
-  would keep both: the projections for that side's backward and the rotated q, k, v
-  for attention's (PERFORMANCE.md)."""
+  projections (with DNP's statistics of them) and the attention probabilities for the
+  backward pass, which recomputes the rotated q, k, v from them. With an output side
+  (DP, DNP) or QK-norm autodiff would keep both: the projections for that side's
+  backward and the rotated q, k, v for attention's (PERFORMANCE.md)."""
   graphdef, state = nnx.split(att)
-  rotate = lambda state, qkv: nnx.merge(graphdef, state).rotated(*qkv, positions_L)
+  stats = tuple(m.inv_rms(y) for m, y in zip((att.q, att.k, att.v), (q, k, v)))
+  rotate = lambda state, qkv, stats: nnx.merge(graphdef, state).rotated(*qkv, positions_L,
+                                                                        stats)
 
   @jax.custom_vjp
-  def run(state, qkv):
-    return attention.xla_forward(*rotate(state, qkv))[0]
+  def run(state, qkv, stats):
+    return attention.xla_forward(*rotate(state, qkv, stats))[0]
 
-  def fwd(state, qkv):
-    out, probs = attention.xla_forward(*rotate(state, qkv))
-    return out, (state, qkv, probs)
+  def fwd(state, qkv, stats):
+    out, probs = attention.xla_forward(*rotate(state, qkv, stats))
+    return out, (state, qkv, stats, probs)
 
   def bwd(res, d_out):
-    state, qkv, probs = res
-    rotated, rotate_vjp = jax.vjp(rotate, state, after_cotangent(qkv, d_out))
-    return rotate_vjp(attention.xla_backward(*rotated, probs, d_out))
+    state, qkv, stats, probs = res
+    rotated, rotate_vjp = jax.vjp(lambda s, x: rotate(s, x, stats), state,
+                                  after_cotangent(qkv, d_out))
+    d_state, d_qkv = rotate_vjp(attention.xla_backward(*rotated, probs, d_out))
+    return d_state, d_qkv, jax.tree.map(jnp.zeros_like, stats)
 
   run.defvjp(fwd, bwd)
-  return run(state, (q, k, v))
+  return run(state, (q, k, v), stats)
 
 
 class MLP(nnx.Module):
@@ -253,12 +264,14 @@ class MLP(nnx.Module):
     g, u = project_all((self.gate, self.up), (xg, xu))
     # Recomputing the gating (with DP/DNP's output side) in the backward pass, when
     # this layer's turn comes, keeps 3 [tokens, d_ff] arrays for it instead of 6 (8
-    # with DP/DNP): the elementwise recompute fuses into the backward's own pass.
-    return self.down(remat_late(_gated, (self.gate, self.up), g, u))
+    # with DP/DNP): the elementwise recompute fuses into the backward's own pass. DNP's
+    # statistics are kept ([tokens, 1] each), so recomputing its norms reduces nothing.
+    stats = (self.gate.inv_rms(g), self.up.inv_rms(u))
+    return self.down(remat_late(_gated, (self.gate, self.up), g, u, *stats))
 
 
-def _gated(gate: Linear, up: Linear, g, u):
-  return jax.nn.silu(gate.finish(g)) * up.finish(u)
+def _gated(gate: Linear, up: Linear, g, u, r_g=None, r_u=None):
+  return jax.nn.silu(gate.finish(g, r_g)) * up.finish(u, r_u)
 
 
 def after_cotangent(arrays: tuple, g: jax.Array) -> tuple:
@@ -272,7 +285,7 @@ def after_cotangent(arrays: tuple, g: jax.Array) -> tuple:
   """
   if sharding.platform() == 'cpu':
     tie = g.reshape(-1)[0] * 0
-    return tuple(a + tie.astype(a.dtype) for a in arrays)
+    return tuple(None if a is None else a + tie.astype(a.dtype) for a in arrays)
   # elsewhere the barrier holds until scheduling (and a sharded g's first element
   # would be a cross-device read)
   return jax.lax.optimization_barrier((arrays, g))[0]

@@ -17,65 +17,106 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scalejax.core import roles, sharding
+from scalejax.core import reductions, roles
 from scalejax.core.roles import Param
 
 
 # --- statistics -------------------------------------------------------------------
+# Row sums go through `reductions.row_sum`, the form XLA:CPU runs fast, and the RMS
+# forms have backward passes of their own written with it: autodiff's transpose of the
+# per-row broadcast of 1/rms would be a plain reduction again.
 
+def _inv_rms(x32: jax.Array, eps: float) -> jax.Array:
+  return jax.lax.rsqrt(reductions.row_mean(jnp.square(x32)) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def rms_stats(x32: jax.Array, eps: float) -> jax.Array:
-  return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  """x32 / rms(x32) over the last axis (float32 in and out)."""
+  return x32 * _inv_rms(x32, eps)
+
+
+def _rms_stats_fwd(x32, eps):
+  r = _inv_rms(x32, eps)
+  return x32 * r, (x32, r)
+
+
+def _rms_stats_bwd(eps, res, g):
+  del eps
+  x32, r = res
+  n = x32 * r
+  return (r * (g - n * reductions.row_mean(g * n)),)
+
+
+rms_stats.defvjp(_rms_stats_fwd, _rms_stats_bwd)
 
 
 def layer_stats(x32: jax.Array, eps: float) -> jax.Array:
-  centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-  return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+  centred = x32 - reductions.row_mean(x32)
+  return centred * jax.lax.rsqrt(reductions.row_mean(jnp.square(centred)) + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rms_scale(x: jax.Array, gamma: jax.Array, eps: float) -> jax.Array:
+def inv_rms(x: jax.Array, eps: float) -> jax.Array:
+  """1/rms(x) over the last axis (float32, [..., 1]), with no gradient: to hand to
+  `rms_scale` later, whose backward pass accounts for how it depends on x."""
+  return jax.lax.stop_gradient(_inv_rms(x.astype(jnp.float32), eps))
+
+
+def rms_scale(x: jax.Array, gamma: jax.Array, eps: float,
+              inv_rms: jax.Array | None = None) -> jax.Array:
   """`rms_stats(x) * gamma` in x's dtype, keeping only x and 1/rms for the backward.
 
   Autodiff of the composition would also save the normalized activations (for
   d(gamma)): one more [tokens, d] tensor per norm. The backward recomputes them
-  instead, an elementwise pass that XLA fuses into the gradient's own.
+  instead, an elementwise pass that XLA fuses into the gradient's own. `inv_rms`: x's
+  statistics computed earlier (`inv_rms(x, eps)`), so that a backward pass recomputing
+  this norm from x needs no reduction over x to do it.
   """
+  if inv_rms is None:
+    return _rms_scale(x, gamma, eps)
+  return _rms_scale_given(x, gamma, inv_rms)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_scale(x, gamma, eps):
   return _rms_scale_fwd(x, gamma, eps)[0]
 
 
 def _rms_scale_fwd(x, gamma, eps):
-  x32 = x.astype(jnp.float32)
-  r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (x32 * r * gamma).astype(x.dtype), (x, r, gamma)
+  return _rms_scale_given_fwd(x, gamma, _inv_rms(x.astype(jnp.float32), eps))
 
 
 def _rms_scale_bwd(eps, res, g):
   del eps
   x, r, gamma = res
   x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
-  n = x32 * r
-  d_gamma = _sum_over_tokens(g32 * x32, r)
-  dn = g32 * gamma
-  dx = r * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+  # Both sums read one product: d(gamma) sums g * x * r over tokens, and the row sum
+  # the normalization's backward needs, of g * gamma * n, is r times (g * x) . gamma.
+  gx = g32 * x32
+  d_gamma = reductions.sum_over_tokens(gx, r)
+  mean_dn_n = r * reductions.row_dot(gx, gamma) * (1 / x.shape[-1])
+  dx = r * (g32 * gamma - x32 * r * mean_dn_n)
   return dx.astype(x.dtype), d_gamma.astype(gamma.dtype)
 
 
-rms_scale.defvjp(_rms_scale_fwd, _rms_scale_bwd)
+_rms_scale.defvjp(_rms_scale_fwd, _rms_scale_bwd)
 
 
-def _sum_over_tokens(y, r):
-  """sum over every axis but the last of y * r (r: [..., 1], one weight per token).
+@jax.custom_vjp
+def _rms_scale_given(x, gamma, r):
+  return _rms_scale_given_fwd(x, gamma, r)[0]
 
-  On CPU a matrix-vector product with r: XLA:CPU lowers a sum over the leading (token)
-  axes to a strided reduce-window, about 1 ms per [1024, 512] float32 activation on a
-  Zen 5 core, several times the matvec's cost (PERFORMANCE.md); a sum against a constant
-  vector would be simplified back into that reduction, r is not constant. Elsewhere the
-  reduction, which fuses with the product (a float32 dot on TPU would also round
-  through bfloat16 at default precision).
-  """
-  if sharding.platform() == 'cpu':
-    return jnp.dot(r.reshape(-1), y.reshape(-1, y.shape[-1]))
-  return jnp.sum(y * r, axis=tuple(range(y.ndim - 1)))
+
+def _rms_scale_given_fwd(x, gamma, r):
+  return (x.astype(jnp.float32) * r * gamma).astype(x.dtype), (x, r, gamma)
+
+
+def _rms_scale_given_bwd(res, g):
+  # r is x's statistic: its dependence on x is already in d(x)
+  return (*_rms_scale_bwd(None, res, g), jnp.zeros_like(res[1]))
+
+
+_rms_scale_given.defvjp(_rms_scale_given_fwd, _rms_scale_given_bwd)
 
 
 STATISTICS: dict[str, Callable[[jax.Array, float], jax.Array]] = {
@@ -269,11 +310,10 @@ class Norm(nnx.Module):
         bias = Param(jnp.zeros((dim,), jnp.float32), role=roles.OTHER, axes=('norm',))
         setattr(self, f'{name}_bias', bias)
 
-  def __call__(self, x: jax.Array):
-    if self.spec.kind == 'rms' and not self.spec.bias and len(self.branches) == 1:
-      gamma = self.gammas()[0]
-      if gamma is not None:
-        return rms_scale(x, gamma, self.spec.eps)
+  def __call__(self, x: jax.Array, inv_rms: jax.Array | None = None):
+    """`inv_rms`: `self.inv_rms(x)`, computed earlier (None: computed here)."""
+    if self._lean():
+      return rms_scale(x, self.gammas()[0], self.spec.eps, inv_rms)
     n = STATISTICS[self.spec.kind](x.astype(jnp.float32), self.spec.eps)
     outs = []
     for name, gamma in zip(self.branches, self.gammas()):
@@ -282,6 +322,17 @@ class Norm(nnx.Module):
         y = y + getattr(self, f'{name}_bias')[...]
       outs.append(y.astype(x.dtype))
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+  def _lean(self) -> bool:
+    """Whether a call runs `rms_scale` (one RMS branch with a scale, no bias)."""
+    return (self.spec.kind == 'rms' and not self.spec.bias and len(self.branches) == 1
+            and self.spec.scale != 'none')
+
+  def inv_rms(self, x: jax.Array) -> jax.Array | None:
+    """x's statistics for a later call (`norms.inv_rms`), None where that call would not
+    take them: a backward pass that recomputes this norm from x then keeps them, a
+    [..., 1] array, and runs no reduction over x to recompute it."""
+    return inv_rms(x, self.spec.eps) if self._lean() else None
 
   def scaled(self, x: jax.Array):
     """`__call__` with each branch as `Scaled` (unmultiplied) for linear maps to fold.

@@ -1,0 +1,76 @@
+"""Sums over one axis of an activation, in the form each backend runs fast.
+
+XLA:CPU rewrites every reduction over an axis longer than 32 into a reduce-window of
+32 followed by a reduction of the windows, to bound the float error. The reduce-window
+is a fusion of its own, so the elementwise work that feeds the sum (the square of a
+norm's statistics, the product in its backward pass) is written out first, and the
+windows are summed by a scalar loop: a [1024, 512] float32 sum of squares ran about
+3x slower than a pass over the same array (PERFORMANCE.md). Two changes avoid both:
+sums over groups of at most 32 adjacent elements, which XLA fuses with their producer
+and does not rewrite, and a matrix-vector product for what is left, which goes to the
+matrix library (XLA's algebraic simplifier turns neither back into one reduction).
+Elsewhere the plain reduction, which XLA fuses with its producer (and a float32 dot on
+TPU would round through bfloat16 at default precision).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from scalejax.core import sharding
+
+# XLA:CPU's TreeReductionRewriter leaves reductions over at most this many elements alone.
+_WINDOW = 32
+# The group width the grouped sums run fastest at (a few divisors of each measured width
+# in PERFORMANCE.md); a width with no divisor near it takes the nearest one.
+_BEST_GROUP = 8
+
+
+@functools.cache
+def group_width(width: int) -> int:
+  """The divisor of `width` of at most 32 nearest 8 (on a log scale; larger on a tie):
+  how many adjacent elements `row_sum` adds before the matrix-vector product."""
+  divisors = [w for w in range(1, min(width, _WINDOW) + 1) if width % w == 0]
+  return min(divisors, key=lambda w: (abs(math.log(w / _BEST_GROUP)), -w))
+
+
+def row_sum(y: jax.Array) -> jax.Array:
+  """sum(y, axis=-1, keepdims=True), in y's dtype (callers reduce in float32)."""
+  if sharding.platform() != 'cpu':
+    return jnp.sum(y, axis=-1, keepdims=True)
+  *lead, width = y.shape
+  w = group_width(width)
+  groups = jnp.sum(y.reshape(*lead, width // w, w), axis=-1)
+  ones = jnp.ones((width // w,), y.dtype)
+  return jnp.dot(groups, ones)[..., None]
+
+
+def row_dot(y: jax.Array, v: jax.Array) -> jax.Array:
+  """sum(y * v, axis=-1, keepdims=True) for a vector v over y's last axis: on CPU a
+  matrix-vector product, elsewhere the reduction fused with the product."""
+  if sharding.platform() != 'cpu':
+    return jnp.sum(y * v, axis=-1, keepdims=True)
+  return jnp.dot(y, v.astype(y.dtype))[..., None]
+
+
+def row_mean(y: jax.Array) -> jax.Array:
+  """mean(y, axis=-1, keepdims=True) by `row_sum`."""
+  return row_sum(y) * jnp.asarray(1 / y.shape[-1], y.dtype)
+
+
+def sum_over_tokens(y: jax.Array, r: jax.Array) -> jax.Array:
+  """sum over every axis but the last of y * r (r: [..., 1], one weight per token).
+
+  On CPU a matrix-vector product with r: a sum over the leading (token) axes is lowered
+  to a strided reduce-window, about 1 ms per [1024, 512] float32 activation on a Zen 5
+  core, several times the product's cost (PERFORMANCE.md); a sum against a constant
+  vector of ones would be simplified back into that reduction, r is not constant.
+  Elsewhere the reduction, which fuses with the product.
+  """
+  if sharding.platform() == 'cpu':
+    return jnp.dot(r.reshape(-1), y.reshape(-1, y.shape[-1]))
+  return jnp.sum(y * r, axis=tuple(range(y.ndim - 1)))
