@@ -365,6 +365,17 @@ def test_guard_step_keeps_state_and_names_bad_gradients():
   assert int(kept3['bad_streak']) == 4 and int(kept3['bad_steps']) == 0
 
   kept4, _ = guard(state, new, jnp.float32(jnp.nan), good, good, 3)  # a NaN loss alone
+  chex.assert_trees_all_equal(kept4['params'], state['params'])
+  assert int(kept4['bad_streak']) == 1
+  bad_update = {'a': jnp.ones(3), 'b': {'c': jnp.array([[1.0, 1.0], [jnp.nan, 0.0]])}}
+  kept5, m5 = guard(state, new, jnp.float32(1.0), good, bad_update, 3)  # the update alone
+  chex.assert_trees_all_equal(kept5['opt_state'], state['opt_state'])
+  assert int(kept5['bad_steps']) == 1
+  assert not any(jax.tree.leaves(jax.device_get(m5['bad_leaves'])))  # the gradients were fine
+  # finite elements whose norm is past float32's range count as a non-finite gradient
+  huge = {'a': jnp.full(3, 3e19), 'b': {'c': jnp.ones((2, 2))}}
+  kept6, _ = guard(state, new, jnp.float32(1.0), huge, good, 3)
+  chex.assert_trees_all_equal(kept6['params'], state['params'])
 
 def test_watch_reads_verdicts_in_groups_lag_steps_late_in_order(caplog):
   caplog.set_level(logging.WARNING, logger='scalejax')

@@ -57,3 +57,39 @@ def test_compiled_norms_have_no_reduce_window_on_cpu():
   stats = lambda x: jnp.sum(norms.rms_stats(x, 1e-6) ** 2)
   assert 'reduce-window' not in hlo(jax.grad(scale, argnums=(0, 1)), x, gamma)
   assert 'reduce-window' not in hlo(jax.grad(stats), x)
+
+
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])
+def test_total_sum_and_global_norm_equal_the_plain_ones(platform, monkeypatch):
+  import optax
+  monkeypatch.setattr(sharding, 'platform', lambda: platform)
+  tree = {'w': jax.random.normal(jax.random.key(0), (8, 64, 65)),
+          'odd': jax.random.normal(jax.random.key(1), (67,)), 's': jnp.float32(3.0)}
+  for x in jax.tree.leaves(tree):
+    chex.assert_trees_all_close(reductions.total_sum(x), jnp.sum(x), rtol=1e-5, atol=1e-4)
+  chex.assert_trees_all_close(reductions.global_norm(tree), optax.global_norm(tree), rtol=1e-6)
+  for bad in (jnp.inf, jnp.nan):  # one bad element makes the norm non-finite
+    broken = dict(tree, odd=tree['odd'].at[5].set(bad))
+    assert not jnp.isfinite(reductions.global_norm(broken))
+  assert float(reductions.global_norm({})) == 0.0
+
+
+def test_clip_by_global_norm_equals_optax():
+  import optax
+  from scalejax.train import optim
+  grads = {'a': jax.random.normal(jax.random.key(0), (32, 24)), 'b': jnp.arange(5.0)}
+  for max_norm in (0.5, 1e4):  # clipped, and left alone
+    want = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
+    got = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_folded_scale_gradient_equals_autodiff():
+  from scalejax.model.layers import fold_rows
+  v = jax.random.uniform(jax.random.key(0), (48,), minval=0.5, maxval=1.5)
+  w = jax.random.normal(jax.random.key(1), (48, 72))
+  cot = jax.random.normal(jax.random.key(2), (48, 72))
+  want_out, want = jax.vjp(lambda v, w: v[:, None] * w, v, w)
+  got_out, got = jax.vjp(fold_rows, v, w)
+  chex.assert_trees_all_equal(got_out, want_out)
+  chex.assert_trees_all_close(got(cot), want(cot), rtol=1e-5, atol=1e-5)

@@ -62,6 +62,26 @@ def row_mean(y: jax.Array) -> jax.Array:
   return row_sum(y) * jnp.asarray(1 / y.shape[-1], y.dtype)
 
 
+def total_sum(x: jax.Array) -> jax.Array:
+  """The sum of every element of x (a scalar in x's dtype). On CPU by `row_sum` over a
+  few rows, then a plain sum of those few: a vector times a vector of ones would be
+  simplified back into one long reduction, a matrix times one is not."""
+  if sharding.platform() != 'cpu':
+    return jnp.sum(x)
+  rows = group_width(x.size)
+  return jnp.sum(row_sum(x.reshape(rows, -1)))
+
+
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of every leaf of `tree` together (float32), optax.global_norm's value:
+  each leaf's sum of squares by `total_sum`. A leaf with an inf or NaN makes it
+  non-finite."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(total_sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
 def sum_over_tokens(y: jax.Array, r: jax.Array) -> jax.Array:
   """sum over every axis but the last of y * r (r: [..., 1], one weight per token).
 

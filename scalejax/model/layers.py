@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scalejax.core import roles, sharding
+from scalejax.core import reductions, roles, sharding
 from scalejax.core.roles import Param
 from scalejax.model import attention
 from scalejax.model.config import ModelConfig
@@ -84,7 +84,7 @@ class Linear(nnx.Module):
     w = self.kernel[...]
     if isinstance(x, Scaled):
       x, v = x.n, x.gamma
-      w = w if v is None else v[:, None] * w
+      w = w if v is None else fold_rows(v, w)
     return x, w
 
   def finish(self, y: jax.Array, inv_rms: jax.Array | None = None) -> jax.Array:
@@ -116,6 +116,22 @@ class Linear(nnx.Module):
     gamma_CxF, bias_CxF = each(lambda norm: norm.affine())
     row = lambda a: None if a is None else a[copy_R]
     return normalize(y_RxF, self.post.spec, row(gamma_CxF), row(bias_CxF))
+
+
+@jax.custom_vjp
+def fold_rows(v_D: jax.Array, w_DxF: jax.Array) -> jax.Array:
+  """diag(v) W: row i of W times v[i]. The gradient of v sums each row of
+  d(diag(v) W) * W over the kernel's d_out, by `reductions.row_sum` (autodiff's would
+  be a plain reduction, the slow form on CPU)."""
+  return v_D[:, None] * w_DxF
+
+
+def _fold_rows_bwd(res, g_DxF):
+  v_D, w_DxF = res
+  return reductions.row_sum(g_DxF * w_DxF)[:, 0], v_D[:, None] * g_DxF
+
+
+fold_rows.defvjp(lambda v, w: (fold_rows(v, w), (v, w)), _fold_rows_bwd)
 
 
 def project_all(maps: tuple[Linear, ...], xs: tuple) -> tuple[jax.Array, ...]:

@@ -10,6 +10,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from scalejax.core import reductions
 from scalejax.core.treepath import path_name
 
 log = logging.getLogger('scalejax')
@@ -38,14 +39,18 @@ def bad_step_limit(train_cfg) -> int:
 def guard_step(state: dict, new: dict, loss, grads, updates, limit: int):
   """(kept, metrics): `new` (params, opt_state) if the step is finite, else state's.
 
-  Runs inside the jitted step. The test is a few reductions and the select fuses into
-  the update, so good steps cost next to nothing; which gradients went bad is computed
+  Runs inside the jitted step. The test is two norms (the gradients' and the updates')
+  and the select fuses into the update, so good steps cost next to nothing; which gradients went bad is computed
   under `lax.cond`, on bad steps only. Once `limit` bad steps in a row have happened
   no update is applied at all, so the state stays the last good one while the host,
   which reads the verdicts a few steps late (`NonFiniteWatch`), stops the run. `kept`
   carries the counters.
   """
-  finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
+  # A non-finite element makes its tree's norm non-finite, and the gradients' norm is
+  # the one clipping and the metrics compute (XLA computes it once); a norm past
+  # float32's range, ~1.8e19, counts as non-finite too.
+  finite = (jnp.isfinite(loss) & jnp.isfinite(reductions.global_norm(grads))
+            & jnp.isfinite(reductions.global_norm(updates)))
   ok = finite & (state['bad_streak'] < limit)
   kept = {k: jax.tree.map(lambda n, o: jnp.where(ok, n, o), v, state[k]) for k, v in new.items()}
   kept['bad_streak'] = jnp.where(ok, 0, state['bad_streak'] + 1)
@@ -56,11 +61,6 @@ def guard_step(state: dict, new: dict, loss, grads, updates, limit: int):
   metrics = {'bad_streak': kept['bad_streak'], 'bad_steps': kept['bad_steps'],
              'bad_leaves': bad_leaves}
   return kept, metrics
-
-
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 class NonFiniteWatch:

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from scalejax.core import reductions
 from scalejax.core import roles as R
 from scalejax.scales.weight_decay import decay_rates, role_weight_decay
 
@@ -148,6 +149,20 @@ def role_rates(opt_cfg, variant_default: str) -> dict[str, float]:
       scale=None if opt_cfg.scale_decay < 0 else opt_cfg.scale_decay)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm, with the norm summed by `reductions.global_norm`: the
+  form XLA:CPU runs fast, and the same computation as the step's `grad_norm` metric and
+  its non-finite test (nonfinite.py), which XLA then computes once."""
+  def update(updates, state, params=None):
+    del params
+    norm = reductions.global_norm(updates)
+    keep = norm < max_norm
+    clipped = jax.tree.map(
+        lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+    return clipped, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def build_optimizer(opt_cfg, roles, axes, total_steps: int, variant_default: str = 'none', *,
                     parts=None, frozen=None):
   """Returns (optax transformation, schedule, per-role decay rates).
@@ -162,7 +177,7 @@ def build_optimizer(opt_cfg, roles, axes, total_steps: int, variant_default: str
   rates = role_rates(opt_cfg, variant_default)
   chain = []
   if opt_cfg.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+    chain.append(clip_by_global_norm(opt_cfg.grad_clip))
   chain.append(OPTIMIZERS[opt_cfg.name](opt_cfg, roles, axes))
   if any(rates.values()):  # an all-zero policy has nothing to chain
     chain.append(role_weight_decay(rates, roles, parts, opt_cfg.magdir_decay))

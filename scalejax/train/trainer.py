@@ -21,7 +21,7 @@ from scalejax.train import distributed
 from scalejax import data as data_lib
 from scalejax.train import nonfinite, preemption, records, xla_flags
 from scalejax.train import metrics as metrics_lib
-from scalejax.core import roles, sharding
+from scalejax.core import reductions, roles, sharding
 from scalejax.model import attention, wiring
 from scalejax.model.counting import flops_per_token, param_counts
 from scalejax.model.decoder import build_model, cross_entropy
@@ -134,7 +134,7 @@ def make_train_step(run: Run, tuned: bool = True):
     # optimizer state and is counted (nonfinite.py).
     kept, fault_metrics = nonfinite.guard_step(
         state, {'params': params, 'opt_state': opt_state}, total, grads, updates, bad_limit)
-    metrics = {**metrics, 'grad_norm': optax.global_norm(grads),
+    metrics = {**metrics, 'grad_norm': reductions.global_norm(grads),
                'lr': run.schedule(state['step']), **fault_metrics}
     if run.cfg.optimizer.scale_lr_mult != 1.0:  # the study knob: scale vectors' own LR
       metrics['scale_lr'] = metrics['lr'] * run.cfg.optimizer.scale_lr_mult
