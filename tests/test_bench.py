@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from scalejax.core import reductions, sharding
+from scalejax.core import sharding
 from scalejax.scales.variants import VARIANTS
 from scalejax.train import benchmark, trainer
 from scalejax.train import matmuls, metrics, step_profile, xla_flags
@@ -98,19 +98,16 @@ def test_matmuls_of_the_step_match_the_analytic_count_and_are_timed(short_run):
   assert rows and all(r['xla_s'] > 0 and r['xla_gflops'] > 0 for r in rows)
   assert all(r['torch_s'] is None for r in rows)  # no --nanogpt_torch: XLA alone (JSON null)
   # The products' FLOPs, read off the compiled step, against counting.py's analytic
-  # count (6 per matmul weight per token plus attention): the HLO also holds the norms'
-  # sums as matrix-vector products (core/reductions.py): the final norm's scale
-  # gradient, [1, tokens] x [tokens, d], and its backward's row sum, [tokens, d] x [d];
-  # and each norm's row sums of groups, [tokens, d/w] x [d/w], once in the forward pass
-  # for every norm (2 per layer and the final one) and once in the backward pass for
-  # the 2 per layer whose scales fold into the next kernel.
+  # count (6 per matmul weight per token plus attention): the matrix-matrix products
+  # match it exactly; the rest are matrix-vector products, the form the step's sums
+  # take on CPU (core/reductions.py): among them the final norm's scale gradient,
+  # [1, tokens] x [tokens, d].
   cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
-  tokens, d, layers = 4 * 16, cfg.model.d_model, cfg.model.n_layers
+  tokens, d = 4 * 16, cfg.model.d_model
   analytic = out['results'][0]['flops_per_step']
-  groups = d // reductions.group_width(d)
-  row_sums = (2 * layers + 1) + 2 * layers
-  assert mm['totals']['flops'] == (analytic + 2 * (2 * tokens * d)
-                                   + row_sums * 2 * tokens * groups)
+  matrix = [r for r in rows if min(r['m'], r['n']) > 1]
+  assert sum(r['flops'] * r['count'] for r in matrix) == analytic
+  assert mm['totals']['flops'] > analytic
   assert matmuls.Product(1, 1, tokens, d).flops == 2 * tokens * d
   assert any(r['batch'] == 1 and (r['m'], r['k'], r['n']) == (1, tokens, d) for r in rows)
   # attention's two batched products per layer, forward and backward: batch x heads
