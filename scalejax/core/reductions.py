@@ -40,9 +40,9 @@ def group_width(width: int) -> int:
 
 def row_sum(y: jax.Array) -> jax.Array:
   """sum(y, axis=-1, keepdims=True), in y's dtype (callers reduce in float32)."""
-  if sharding.platform() != 'cpu':
-    return jnp.sum(y, axis=-1, keepdims=True)
   *lead, width = y.shape
+  if sharding.platform() != 'cpu' or width <= _WINDOW:  # a short row is not rewritten
+    return jnp.sum(y, axis=-1, keepdims=True)
   w = group_width(width)
   groups = jnp.sum(y.reshape(*lead, width // w, w), axis=-1)
   ones = jnp.ones((width // w,), y.dtype)
@@ -66,7 +66,7 @@ def total_sum(x: jax.Array) -> jax.Array:
   """The sum of every element of x (a scalar in x's dtype). On CPU by `row_sum` over a
   few rows, then a plain sum of those few: a vector times a vector of ones would be
   simplified back into one long reduction, a matrix times one is not."""
-  if sharding.platform() != 'cpu':
+  if sharding.platform() != 'cpu' or x.size <= _WINDOW:
     return jnp.sum(x)
   rows = group_width(x.size)
   return jnp.sum(row_sum(x.reshape(rows, -1)))
