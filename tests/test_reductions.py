@@ -84,8 +84,10 @@ def test_clip_by_global_norm_equals_optax():
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_folded_scale_gradient_equals_autodiff():
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])
+def test_folded_scale_gradient_equals_autodiff(platform, monkeypatch):
   from scalejax.model.layers import fold_rows
+  monkeypatch.setattr(sharding, 'platform', lambda: platform)
   v = jax.random.uniform(jax.random.key(0), (48,), minval=0.5, maxval=1.5)
   w = jax.random.normal(jax.random.key(1), (48, 72))
   cot = jax.random.normal(jax.random.key(2), (48, 72))

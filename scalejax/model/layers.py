@@ -118,11 +118,17 @@ class Linear(nnx.Module):
     return normalize(y_RxF, self.post.spec, row(gamma_CxF), row(bias_CxF))
 
 
-@jax.custom_vjp
 def fold_rows(v_D: jax.Array, w_DxF: jax.Array) -> jax.Array:
-  """diag(v) W: row i of W times v[i]. The gradient of v sums each row of
-  d(diag(v) W) * W over the kernel's d_out, by `reductions.row_sum` (autodiff's would
-  be a plain reduction, the slow form on CPU)."""
+  """diag(v) W: row i of W times v[i]. On CPU the gradient of v, each row of
+  d(diag(v) W) * W summed over the kernel's d_out, goes through `reductions.row_sum`
+  (autodiff's would be a plain reduction, the slow form there); elsewhere autodiff's."""
+  if sharding.platform() == 'cpu':
+    return _fold_rows(v_D, w_DxF)
+  return v_D[:, None] * w_DxF
+
+
+@jax.custom_vjp
+def _fold_rows(v_D, w_DxF):
   return v_D[:, None] * w_DxF
 
 
@@ -131,7 +137,7 @@ def _fold_rows_bwd(res, g_DxF):
   return reductions.row_sum(g_DxF * w_DxF)[:, 0], v_D[:, None] * g_DxF
 
 
-fold_rows.defvjp(lambda v, w: (fold_rows(v, w), (v, w)), _fold_rows_bwd)
+_fold_rows.defvjp(lambda v, w: (_fold_rows(v, w), (v, w)), _fold_rows_bwd)
 
 
 def project_all(maps: tuple[Linear, ...], xs: tuple) -> tuple[jax.Array, ...]:

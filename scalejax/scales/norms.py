@@ -17,22 +17,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scalejax.core import reductions, roles
+from scalejax.core import reductions, roles, sharding
 from scalejax.core.roles import Param
 
 
 # --- statistics -------------------------------------------------------------------
-# Row sums go through `reductions.row_sum`, the form XLA:CPU runs fast, and the RMS
-# forms have backward passes of their own written with it: autodiff's transpose of the
-# per-row broadcast of 1/rms would be a plain reduction again.
+# Row sums go through `reductions.row_sum`, the form XLA:CPU runs fast, and on CPU the
+# RMS forms have backward passes of their own written with it: autodiff's transpose of
+# the per-row broadcast of 1/rms would be a plain reduction again.
 
 def _inv_rms(x32: jax.Array, eps: float) -> jax.Array:
   return jax.lax.rsqrt(reductions.row_mean(jnp.square(x32)) + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def rms_stats(x32: jax.Array, eps: float) -> jax.Array:
   """x32 / rms(x32) over the last axis (float32 in and out)."""
+  if sharding.platform() == 'cpu':
+    return _rms_stats(x32, eps)
+  return x32 * _inv_rms(x32, eps)  # elsewhere autodiff's sums fuse with their producers
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _rms_stats(x32, eps):
   return x32 * _inv_rms(x32, eps)
 
 
@@ -48,7 +54,7 @@ def _rms_stats_bwd(eps, res, g):
   return (r * (g - n * reductions.row_mean(g * n)),)
 
 
-rms_stats.defvjp(_rms_stats_fwd, _rms_stats_bwd)
+_rms_stats.defvjp(_rms_stats_fwd, _rms_stats_bwd)
 
 
 def layer_stats(x32: jax.Array, eps: float) -> jax.Array:
