@@ -198,6 +198,28 @@ def test_mlp_keeps_only_its_matmul_outputs_for_the_backward(variant):
   assert len(wide) == 3, [leaf.shape for leaf in wide]
 
 
+@pytest.mark.parametrize('variant,stats', [('baseline', 0), ('dp', 0), ('dnp', 2), ('unified', 2)])
+def test_mlp_keeps_dnps_statistics_and_its_backward_reduces_no_row_of_them(variant, stats):
+  """Under DNP the gating's recomputation takes the gate and up norms' 1/rms kept from
+  the forward pass ([tokens, 1] each): the backward pass sums rows of width d_ff only for
+  the norms' own gradients (one row sum each), not to recompute their statistics."""
+  cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, vocab_size=16, d_ff=48, variant=variant)
+  graphdef, params = nnx.split(MLP(cfg, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  run = lambda p, x: nnx.merge(graphdef, p)(x, x)
+  _, vjp = jax.vjp(run, params, x)
+  kept = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, 'shape', ())[-1:] == (1,)
+          and math.prod(leaf.shape[:-1]) == 16]
+  assert len(kept) == stats, [leaf.shape for leaf in kept]
+  backward = jax.make_jaxpr(lambda p, x, g: jax.vjp(run, p, x)[1](g))(params, x, jnp.ones_like(x))
+  groups = (48 // 8, 8)  # row_sum's groups of a width-48 row on CPU
+  wide_sums = lambda eqn: (eqn.primitive.name == 'reduce_sum'
+                           and eqn.invars[0].aval.shape[-2:] == groups)
+  # forward: the statistics (2 under DNP); backward: none (row sums of the gradients are
+  # matrix-vector products with gamma)
+  assert count_eqns(backward, wide_sums) == stats
+
+
 def test_mlp_recomputes_each_layers_gating_when_its_backward_runs(monkeypatch):
   """The gating is recomputed once its layer's cotangent exists: each MLP of a stack
   adds about the 3 arrays of width d_ff it keeps (gate(x), up(x), the down map's input)
