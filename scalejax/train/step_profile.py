@@ -112,7 +112,7 @@ def _parse(hlo_text: str):
 
 def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
   """({instruction name: kind}, {instruction name: phase}) for every instruction of a
-  compiled module's text (`compiled.as_text()`), from one reading of it.
+  compiled module's text (`compiled.as_text()`).
 
   Kind: a fusion's from the ops of the computation it calls, any other instruction's
   from its own op ('control' for loops, conditionals and calls). Phase (PHASES): from
@@ -124,8 +124,8 @@ def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
   one; with none there either, the update.
   """
   instructions, bodies, body_op_name = _parse(hlo_text)
-  # kinds, and the op_name each phase is read from: the text lists an instruction's
-  # operands before it, so one pass in order has them already
+  # kinds, and the op_name each phase is read from (an instruction's operands come
+  # before it in the text)
   kinds, named = {}, {}
   for name, op, calls, op_name, operands in instructions:
     if op in _CONTROL:
