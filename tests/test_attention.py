@@ -15,6 +15,7 @@ from flax import nnx
 from scalejax.model import attention
 from scalejax.model.config import ModelConfig
 from scalejax.model.decoder import build_model, cross_entropy
+from scalejax.train import xla_flags
 
 # Grouped-query heads (4 query heads share 2 kv heads), two 128-token tiles per side so
 # the kernel's block skipping (above the diagonal) and its running softmax both matter.
@@ -106,18 +107,43 @@ def test_aot_for_tpu_runs_splash_and_never_writes_the_scores():
 
 
 @pytest.mark.parametrize('n_kv', [4, 2])
-def test_xla_path_split_at_the_softmax_equals_autodiff_of_it(n_kv):
-  """`xla_forward` (output and probabilities) and `xla_backward` (gradients from the
-  probabilities) are the `xla` implementation and the gradients `jax.vjp` gives for it,
-  with grouped-query heads too."""
+def test_xla_path_split_at_the_softmax_equals_autodiff_of_the_library_call(n_kv):
+  """`xla_forward` (output and probabilities), `xla_backward` (gradients from the
+  probabilities) and the `xla` implementation with its own backward pass on CPU equal
+  `jax.nn.dot_product_attention` and the gradients `jax.vjp` gives for it, with
+  grouped-query heads too."""
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   q, k = normal(2, 16, 4, 8), normal(2, 16, n_kv, 8)
   v, d_out = normal(2, 16, n_kv, 8), normal(2, 16, 4, 8)
-  want_out, vjp = jax.vjp(lambda q, k, v: attention.attend(q, k, v, impl='xla'), q, k, v)
+  library = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation='xla')
+  want_out, vjp = jax.vjp(library, q, k, v)
   out, probs = attention.xla_forward(q, k, v)
   chex.assert_trees_all_close(out, want_out, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(attention.xla_backward(q, k, v, probs, d_out), vjp(d_out),
                               rtol=1e-5, atol=1e-6)
+  ours_out, ours_vjp = jax.vjp(lambda q, k, v: attention.attend(q, k, v, impl='xla'), q, k, v)
+  chex.assert_trees_all_close(ours_out, want_out, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(ours_vjp(d_out), vjp(d_out), rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(jnp.triu(probs, 1)).max()) == 0  # causal
   chex.assert_trees_all_close(probs.sum(-1), jnp.ones(probs.shape[:-1]), rtol=1e-6)
+
+
+def test_xla_path_on_cpu_compiles_fewer_transposes_and_reduce_windows_than_autodiff():
+  """The `xla` implementation's own backward pass keeps q, k, v heads first and sums
+  softmax's rows by `reductions.row_sum`: compiled as a train step is (the project's
+  options, XLA's default optimization level), its gradient has fewer transposes and
+  reduce-windows than autodiff of `jax.nn.dot_product_attention`."""
+  q = jax.random.normal(jax.random.key(0), (2, 128, 4, 16))
+  options = {**xla_flags.CPU_COMPILE_OPTIONS, 'xla_backend_optimization_level': 2}
+
+  def counts(attend):
+    grad = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2))
+    hlo = jax.jit(grad).lower(q, q, q).compile(options).as_text()
+    return hlo.count(' transpose('), hlo.count(' reduce-window(')
+
+  library = counts(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation='xla'))
+  ours = counts(lambda q, k, v: attention.attend(q, k, v, impl='xla'))
+  assert ours[0] < library[0] and ours[1] < library[1], (ours, library)

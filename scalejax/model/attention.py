@@ -8,7 +8,9 @@ kernel of the backend the step is compiled for, when that kernel takes the shape
          writes the [heads, L, L] scores to HBM, forward or backward.
   gpu -> `cudnn`: cuDNN's flash attention through `jax.nn.dot_product_attention`
          (bf16/fp16 only).
-  else   `xla`: `jax.nn.dot_product_attention` as XLA writes it (scores materialized).
+  else   `xla`: the scores materialized. On CPU the math below (`xla_forward`,
+         `xla_backward`) with the probabilities kept for the backward pass and the heads
+         first; elsewhere `jax.nn.dot_product_attention` as XLA writes it.
 
 The backend is the one of the mesh the step is traced under (`jax.set_mesh`), so an
 ahead-of-time compile for a TPU topology on a CPU host picks `splash`; without a mesh
@@ -174,45 +176,92 @@ def splash_cost(config, batch: int, seq_len: int) -> tuple[float, float]:
   return flops, bytes_
 
 
-IMPLEMENTATIONS = {'xla': _dot_product('xla'), 'cudnn': _dot_product('cudnn'), 'splash': _splash}
-
-
 # --- the XLA path with its probabilities kept ----------------------------------------
 # The `xla` implementation's math split at the softmax: `xla_forward` returns the
 # probabilities with the output and `xla_backward` takes them back with the q, k, v they
 # came from, so a caller that can recompute q, k, v (layers.Attention under DNP: a norm
-# and RoPE away from its projections) need not save them.
+# and RoPE away from its projections) need not save them. `forward_heads_first` and
+# `backward_heads_first` are that math on [B, heads, L, H], the batched products' layout.
 
-def _per_query_head(kv_BxSxKxH, n_heads: int):
+def _per_query_head(kv_BxKxSxH, n_heads: int):
   """kv heads repeated to one per query head (GQA: query head n reads kv head n // G)."""
-  return jnp.repeat(kv_BxSxKxH, n_heads // kv_BxSxKxH.shape[2], axis=2)
+  return jnp.repeat(kv_BxKxSxH, n_heads // kv_BxKxSxH.shape[1], axis=1)
 
 
-def xla_forward(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH):
-  """(out [B, L, N, H], probs [B, N, L, S] float32) of causal attention."""
-  n, h = q_BxLxNxH.shape[2:]
-  k_BxSxNxH, v_BxSxNxH = (_per_query_head(x, n) for x in (k_BxSxKxH, v_BxSxKxH))
-  logits = jnp.einsum('blnh,bsnh->bnls', q_BxLxNxH, k_BxSxNxH,
+def forward_heads_first(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH):
+  """(out [B, N, L, H], probs [B, N, L, S] float32) of causal attention."""
+  n, h = q_BxNxLxH.shape[1], q_BxNxLxH.shape[-1]
+  k_BxNxSxH, v_BxNxSxH = (_per_query_head(x, n) for x in (k_BxKxSxH, v_BxKxSxH))
+  logits = jnp.einsum('bnlh,bnsh->bnls', q_BxNxLxH, k_BxNxSxH,
                       preferred_element_type=jnp.float32) * jnp.float32(h ** -0.5)
   causal_LxS = jnp.tril(jnp.ones(logits.shape[-2:], bool))
   logits = jnp.where(causal_LxS, logits, jnp.finfo(jnp.float32).min)
   probs_BxNxLxS = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum('bnls,bsnh->blnh', probs_BxNxLxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+  out = jnp.einsum('bnls,bnsh->bnlh', probs_BxNxLxS.astype(v_BxNxSxH.dtype), v_BxNxSxH)
   return out, probs_BxNxLxS
+
+
+def backward_heads_first(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, probs_BxNxLxS, d_out_BxNxLxH):
+  """(dq, dk, dv) of `forward_heads_first`'s output, from its probabilities."""
+  b, n_kv, s, h = k_BxKxSxH.shape
+  n = q_BxNxLxH.shape[1]
+  k_BxNxSxH, v_BxNxSxH = (_per_query_head(x, n) for x in (k_BxKxSxH, v_BxKxSxH))
+  dv = jnp.einsum('bnls,bnlh->bnsh', probs_BxNxLxS.astype(d_out_BxNxLxH.dtype), d_out_BxNxLxH)
+  d_probs = jnp.einsum('bnlh,bnsh->bnls', d_out_BxNxLxH, v_BxNxSxH,
+                       preferred_element_type=jnp.float32)
+  # softmax's backward; masked entries have probability 0 and so get no gradient
+  d_logits = probs_BxNxLxS * (d_probs - reductions.row_sum(d_probs * probs_BxNxLxS))
+  d_logits = (d_logits * jnp.float32(h ** -0.5)).astype(q_BxNxLxH.dtype)
+  dq = jnp.einsum('bnls,bnsh->bnlh', d_logits, k_BxNxSxH)
+  dk = jnp.einsum('bnls,bnlh->bnsh', d_logits, q_BxNxLxH)
+  per_kv = lambda d: d.reshape(b, n_kv, n // n_kv, s, h).sum(2).astype(k_BxKxSxH.dtype)
+  return dq, per_kv(dk), per_kv(dv)
+
+
+def _swap_heads(x):
+  """[B, L, heads, H] <-> [B, heads, L, H]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def xla_forward(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH):
+  """(out [B, L, N, H], probs [B, N, L, S] float32) of causal attention."""
+  out_BxNxLxH, probs_BxNxLxS = forward_heads_first(
+      *(_swap_heads(x) for x in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH)))
+  return _swap_heads(out_BxNxLxH), probs_BxNxLxS
 
 
 def xla_backward(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, probs_BxNxLxS, d_out_BxLxNxH):
   """(dq, dk, dv) of `xla_forward`'s output, from its probabilities."""
-  b, s, n_kv, h = k_BxSxKxH.shape
-  n = q_BxLxNxH.shape[2]
-  k_BxSxNxH, v_BxSxNxH = (_per_query_head(x, n) for x in (k_BxSxKxH, v_BxSxKxH))
-  dv = jnp.einsum('bnls,blnh->bsnh', probs_BxNxLxS.astype(d_out_BxLxNxH.dtype), d_out_BxLxNxH)
-  d_probs = jnp.einsum('blnh,bsnh->bnls', d_out_BxLxNxH, v_BxSxNxH,
-                       preferred_element_type=jnp.float32)
-  # softmax's backward; masked entries have probability 0 and so get no gradient
-  d_logits = probs_BxNxLxS * (d_probs - reductions.row_sum(d_probs * probs_BxNxLxS))
-  d_logits = (d_logits * jnp.float32(h ** -0.5)).astype(q_BxLxNxH.dtype)
-  dq = jnp.einsum('bnls,bsnh->blnh', d_logits, k_BxSxNxH)
-  dk = jnp.einsum('bnls,blnh->bsnh', d_logits, q_BxLxNxH)
-  per_kv = lambda d: d.reshape(b, s, n_kv, n // n_kv, h).sum(3).astype(k_BxSxKxH.dtype)
-  return dq, per_kv(dk), per_kv(dv)
+  grads = backward_heads_first(*(_swap_heads(x) for x in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH)),
+                               probs_BxNxLxS, _swap_heads(d_out_BxLxNxH))
+  return tuple(_swap_heads(d) for d in grads)
+
+
+def _xla(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, **_):
+  """`xla`: on CPU the heads-first pair above under a custom vjp that keeps q, k, v
+  heads first with the probabilities. Autodiff of `jax.nn.dot_product_attention`
+  transposed them again for the backward pass (3 more transposes per layer at
+  `configs/bench_mid.py`), and summed softmax's backward row as a reduce-window where
+  `backward_heads_first` uses `reductions.row_sum` (PERFORMANCE.md). Elsewhere that
+  library call (the change was measured on CPU only)."""
+  if sharding.platform() != 'cpu':
+    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
+                                        implementation='xla')
+  out_BxNxLxH = _kept_probs(*(_swap_heads(x) for x in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)))
+  return _swap_heads(out_BxNxLxH)
+
+
+@jax.custom_vjp
+def _kept_probs(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH):
+  return forward_heads_first(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH)[0]
+
+
+def _kept_probs_fwd(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH):
+  out, probs = forward_heads_first(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH)
+  return out, (q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, probs)
+
+
+_kept_probs.defvjp(_kept_probs_fwd, lambda res, d_out: backward_heads_first(*res, d_out))
+
+
+IMPLEMENTATIONS = {'xla': _xla, 'cudnn': _dot_product('cudnn'), 'splash': _splash}
