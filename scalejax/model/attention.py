@@ -243,7 +243,7 @@ def _xla(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, **_):
   transposed them again for the backward pass (3 more transposes per layer at
   `configs/bench_mid.py`), and summed softmax's backward row as a reduce-window where
   `backward_heads_first` uses `reductions.row_sum` (PERFORMANCE.md). Elsewhere that
-  library call (the change was measured on CPU only)."""
+  library call (this backward pass was measured on CPU only)."""
   if sharding.platform() != 'cpu':
     return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
                                         implementation='xla')
