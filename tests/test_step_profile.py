@@ -83,8 +83,8 @@ ENTRY %main (x: f32[4,8], w: f32[8,2], y: f32[4,64]) -> f32[2,4] {
 """
 
 
-def test_thunk_kinds_read_each_fusion_by_the_ops_it_runs():
-  kinds = step_profile.thunk_kinds(HLO)
+def test_classify_reads_each_fusion_kind_by_the_ops_it_runs():
+  kinds = step_profile.classify(HLO)[0]
   assert kinds['ynn_fusion'] == 'dot'
   assert kinds['dot.7'] == 'dot'
   assert kinds['wrapped_reduce-window.3'] == 'reduce'  # its fused square does not matter
@@ -97,8 +97,8 @@ def test_thunk_kinds_read_each_fusion_by_the_ops_it_runs():
   assert kinds['x'] == 'movement'  # parameters: never a thunk, harmless
 
 
-def test_thunk_phases_follow_the_op_names_autodiff_leaves():
-  phases = step_profile.thunk_phases(HLO)
+def test_classify_reads_phases_off_the_op_names_autodiff_leaves():
+  phases = step_profile.classify(HLO)[1]
   assert phases['ynn_fusion'] == 'forward'  # jvp() alone
   assert phases['dot.7'] == 'backward'  # under transpose(jvp())
   assert phases['wrapped_reduce-window.3'] == 'backward'  # no op_name: the first inside

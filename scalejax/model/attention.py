@@ -245,8 +245,7 @@ def _xla(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, **_):
   `backward_heads_first` uses `reductions.row_sum` (PERFORMANCE.md). Elsewhere that
   library call (this backward pass was measured on CPU only)."""
   if sharding.platform() != 'cpu':
-    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
-                                        implementation='xla')
+    return _dot_product('xla')(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
   out_BxNxLxH = _kept_probs(*(_swap_heads(x) for x in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)))
   return _swap_heads(out_BxNxLxH)
 

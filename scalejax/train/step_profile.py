@@ -1,5 +1,5 @@
 """Where a compiled step's time goes on CPU: XLA's own trace of its thunks, summed by
-kind of work, by phase and by how many threads were busy at once.
+kind of work, by phase and by how many threads are busy at once.
 
 XLA:CPU runs a compiled program as a sequence of thunks (a fused loop, a library dot,
 a copy); independent thunks may run side by side, and a thunk may split itself over
@@ -14,7 +14,7 @@ few steps and `summarize` reduces the events to, per step:
   operands'), with each phase's thunk count;
 - `busy`: milliseconds during which 0, 1, 2, ... threads ran a thunk. A library that
   splits one thunk's work over the pool (YNNPACK a large dot) runs the helpers' share
-  outside any thunk event, so this is the least concurrency there was.
+  outside any thunk event, so this is a lower bound on the concurrency.
 
 The bench prints them (`python -m scalejax.cli.bench --profile_steps N`). Tracing slows
 the step: compare the split, not the traced wall with an untraced one.
@@ -139,16 +139,6 @@ def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
   return kinds, {name: _phase(source) for name, source in named.items()}
 
 
-def thunk_kinds(hlo_text: str) -> dict[str, str]:
-  """{instruction name: kind}: `classify`'s first half."""
-  return classify(hlo_text)[0]
-
-
-def thunk_phases(hlo_text: str) -> dict[str, str]:
-  """{instruction name: phase}: `classify`'s second half."""
-  return classify(hlo_text)[1]
-
-
 def _phase(op_name: str) -> str:
   if 'transpose(jvp' in op_name:  # autodiff's transpose of the forward: the backward pass
     return 'backward'
@@ -188,7 +178,7 @@ class StepProfile:
 
 
 def _threads_busy(intervals: dict[object, list[tuple[float, float]]]) -> dict[int, float]:
-  """{n: microseconds during which n threads were inside one of their intervals}, n >= 1,
+  """{n: microseconds during which n threads are inside one of their intervals}, n >= 1,
   from each thread's (start, end) intervals (nested or overlapping ones count once)."""
   edges = []
   for spans in intervals.values():
@@ -213,7 +203,7 @@ def summarize(events: list[dict], kinds: dict[str, str], steps: int, wall_s: flo
   """A StepProfile of trace `events` (Chrome trace 'X' events: name, tid, ts, dur in
   microseconds) of `steps` steps that took `wall_s` seconds. Events whose name is not
   an instruction in `kinds` (the runtime's own, Python's) are left out; `phases`
-  ({name: phase}, `thunk_phases`) adds the split by phase."""
+  ({name: phase}, `classify`'s second half) adds the split by phase."""
   per_thunk: collections.Counter = collections.Counter()
   runs: collections.Counter = collections.Counter()
   intervals = collections.defaultdict(list)
@@ -273,7 +263,7 @@ def profile(step, state, batches: list, steps: int, hlo_text: str):
 def table(profiles: dict[str, dict]) -> str:
   """One line per case (`StepProfile.to_dict()`s, as the bench's JSON holds them): wall
   and thunk time per step, thread time by kind, and the time during which 0, 1, 2, ...
-  threads were busy; then each case's thread time by phase, and its busiest thunks."""
+  threads are busy; then each case's thread time by phase, and its busiest thunks."""
   threads = sorted({int(n) for p in profiles.values() for n in p['busy_ms']})
   head = (f'{"variant":<16} {"wall ms":>8} {"thunk ms":>9} '
           + ' '.join(f'{k:>11}' for k in KINDS)
