@@ -178,12 +178,21 @@ def test_causal():
     (dict(variant='nope'), 'valid: baseline'),
     (dict(placement='middle'), 'placement'),
     (dict(variant='unified', placement='post'), 'HG'),
-    (dict(dual_targets=('o',)), 'dual_targets'),
+    (dict(dual_targets=('o',)), r"model.dual_targets=\('o',\) must be a subset"),
+    (dict(dual_targets='v,o'), r"model.dual_targets=\('v', 'o'\) must be a subset"),
     (dict(rope_dtype='bfloat16'), "rope_dtype must be one of \\('float32', 'compute'\\)"),
 ])
 def test_bad_config_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**{**SMALL, **bad})
+
+
+@pytest.mark.parametrize('given, names', [('v,gate', ('v', 'gate')), ('gate', ('gate',)),
+                                          (' q , k ', ('q', 'k')), (['up'], ('up',)), ('', ()),
+                                          (('v,gate',), ('v', 'gate'))])
+def test_dual_targets_from_a_string_of_names(given, names):
+  """A command-line override gives a string: split by commas, not into characters."""
+  assert ModelConfig(**{**SMALL, 'dual_targets': given}).dual_targets == names
 
 
 @pytest.mark.parametrize('variant', ['baseline', 'dp', 'dnp', 'unified'])

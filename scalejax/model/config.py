@@ -32,6 +32,14 @@ ROPE_DTYPES = ('float32', 'compute')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
+def _names(value) -> tuple[str, ...]:
+  """A tuple of names from a sequence of names or of strings of names split by commas:
+  a command-line override (--config.model.dual_targets=v,gate) arrives as the one
+  string 'v,gate' (or a tuple holding it)."""
+  items = [value] if isinstance(value, str) else value
+  return tuple(name.strip() for item in items for name in str(item).split(',') if name.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 256
@@ -80,7 +88,7 @@ class ModelConfig:
   moe_z_weight: float = 1e-3    # router z-loss weight
 
   def __post_init__(self):
-    object.__setattr__(self, 'dual_targets', tuple(self.dual_targets))
+    object.__setattr__(self, 'dual_targets', _names(self.dual_targets))
     v = self.variant_spec
     checks = [
         (self.placement in PLACEMENTS, f'model.placement must be one of {PLACEMENTS}'),
@@ -94,7 +102,8 @@ class ModelConfig:
          'model.attention_block_q and model.attention_block_kv must be >= 128'),
         (self.remat in REMAT_POLICIES, f'model.remat must be one of {tuple(REMAT_POLICIES)}'),
         (set(self.dual_targets) <= set(DUAL_TARGETS),
-         f'model.dual_targets must be a subset of {DUAL_TARGETS}'),
+         f'model.dual_targets={self.dual_targets} must be a subset of {DUAL_TARGETS}, '
+         "written as a tuple ('v','gate') or by commas (v,gate)"),
         (self.head_dim or self.d_model % self.n_heads == 0,
          f'model.n_heads={self.n_heads} must divide model.d_model={self.d_model} '
          '(or set model.head_dim)'),

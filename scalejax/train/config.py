@@ -82,7 +82,6 @@ def model_config(cfg: ConfigDict, vocab_size: int) -> ModelConfig:
   elif fields['vocab_size'] < vocab_size:
     raise ValueError(f'model.vocab_size={fields["vocab_size"]} is smaller than the '
                      f'tokenizer vocabulary ({vocab_size}); raise it or set it to 0')
-  fields['dual_targets'] = tuple(fields['dual_targets'])
   return ModelConfig(**fields)
 
 
