@@ -108,10 +108,10 @@ def test_aot_for_tpu_runs_splash_and_never_writes_the_scores():
 
 @pytest.mark.parametrize('n_kv', [4, 2])
 def test_xla_path_split_at_the_softmax_equals_autodiff_of_the_library_call(n_kv):
-  """`xla_forward` (output and probabilities), `xla_backward` (gradients from the
-  probabilities) and the `xla` implementation with its own backward pass on CPU equal
-  `jax.nn.dot_product_attention` and the gradients `jax.vjp` gives for it, with
-  grouped-query heads too."""
+  """`forward_heads_first` (output and probabilities), `backward_heads_first` (gradients
+  from the probabilities) and the `xla` implementation with its own backward pass on
+  CPU equal `jax.nn.dot_product_attention` and the gradients `jax.vjp` gives for it,
+  with grouped-query heads too."""
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   q, k = normal(2, 16, 4, 8), normal(2, 16, n_kv, 8)
@@ -119,10 +119,11 @@ def test_xla_path_split_at_the_softmax_equals_autodiff_of_the_library_call(n_kv)
   library = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                          implementation='xla')
   want_out, vjp = jax.vjp(library, q, k, v)
-  out, probs = attention.xla_forward(q, k, v)
-  chex.assert_trees_all_close(out, want_out, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(attention.xla_backward(q, k, v, probs, d_out), vjp(d_out),
-                              rtol=1e-5, atol=1e-6)
+  swap = attention.swap_heads
+  out, probs = attention.forward_heads_first(swap(q), swap(k), swap(v))
+  chex.assert_trees_all_close(swap(out), want_out, rtol=1e-5, atol=1e-6)
+  grads = attention.backward_heads_first(swap(q), swap(k), swap(v), probs, swap(d_out))
+  chex.assert_trees_all_close(tuple(map(swap, grads)), vjp(d_out), rtol=1e-5, atol=1e-6)
   ours_out, ours_vjp = jax.vjp(lambda q, k, v: attention.attend(q, k, v, impl='xla'), q, k, v)
   chex.assert_trees_all_close(ours_out, want_out, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(ours_vjp(d_out), vjp(d_out), rtol=1e-5, atol=1e-6)

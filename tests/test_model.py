@@ -293,6 +293,30 @@ def test_attention_recomputing_qkv_equals_autodiff(variant, extra):
   chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize('variant,extra', [('dnp', {}), ('unified', dict(n_kv_heads=2)),
+                                           ('dp', {}), ('baseline', dict(qk_norm=True)),
+                                           ('dnp', dict(norm='layer', norm_bias=True)),
+                                           ('baseline', {})])
+def test_rotated_heads_first_equals_rotated_transposed(variant, extra):
+  """`rotated_heads_first` (projections transposed first, then the output side, QK-norm
+  and RoPE) gives `rotated`'s values with the heads moved first: with DNP's statistics
+  given, without them (LayerNorm with a bias needs whole rows: `rotated`, transposed),
+  with DP's scale, grouped-query heads and QK-norm."""
+  cfg = ModelConfig(**SMALL, variant=variant, attention_impl='xla', **extra)
+  att = layers.Attention(cfg, rngs=nnx.Rngs(0))
+  keys = iter(jax.random.split(jax.random.key(1), 100))
+  _, params = nnx.split(att)
+  nnx.update(att, jax.tree.map(lambda p: p * jax.random.uniform(next(keys), p.shape,
+                                                                minval=0.5, maxval=1.5), params))
+  q, k, v = (jax.random.normal(next(keys), (2, 12, width))
+             for width in (att.n_heads * att.h, att.n_kv * att.h, att.n_kv * att.h))
+  stats = tuple(m.inv_rms(y) for m, y in zip((att.q, att.k, att.v), (q, k, v)))
+  positions = np.arange(12)
+  want = tuple(attention.swap_heads(x) for x in att.rotated(q, k, v, positions, stats))
+  chex.assert_trees_all_close(att.rotated_heads_first(q, k, v, positions, stats), want,
+                              rtol=1e-6, atol=1e-6)
+
+
 def test_dnp_attention_keeps_one_copy_of_qkv_for_the_backward(monkeypatch):
   """Four stacked DNP attention blocks need less scratch memory for their backward pass
   when q, k, v are recomputed from the projections than under plain autodiff, which

@@ -42,10 +42,12 @@ def test_row_sum_is_differentiable_like_the_plain_sum():
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_compiled_norms_have_no_reduce_window_on_cpu():
+@pytest.mark.parametrize('tokens', [64, 1024])
+def test_compiled_norms_have_no_reduce_window_on_cpu(tokens):
   """XLA:CPU splits a plain sum over a long row into a reduce-window (the slow form);
-  the norms' forward and backward passes compile without one."""
-  x = jax.random.normal(jax.random.key(0), (64, 512))
+  the norms' forward and backward passes compile without one, for a few tokens and for
+  as many as a mid-size step has."""
+  x = jax.random.normal(jax.random.key(0), (tokens, 512))
   gamma = jnp.ones((512,))
   # with the options a train step is compiled with (xla_flags.py: XLA's own loops for
   # reductions), at XLA's default optimization level (the tests' session runs at -O0)

@@ -8,9 +8,9 @@ kernel of the backend the step is compiled for, when that kernel takes the shape
          writes the [heads, L, L] scores to HBM, forward or backward.
   gpu -> `cudnn`: cuDNN's flash attention through `jax.nn.dot_product_attention`
          (bf16/fp16 only).
-  else   `xla`: the scores materialized. On CPU the math below (`xla_forward`,
-         `xla_backward`) with the probabilities kept for the backward pass and the heads
-         first; elsewhere `jax.nn.dot_product_attention` as XLA writes it.
+  else   `xla`: the scores materialized. On CPU the math below (`forward_heads_first`,
+         `backward_heads_first`) with the probabilities kept for the backward pass;
+         elsewhere `jax.nn.dot_product_attention` as XLA writes it.
 
 The backend is the one of the mesh the step is traced under (`jax.set_mesh`), so an
 ahead-of-time compile for a TPU topology on a CPU host picks `splash`; without a mesh
@@ -177,11 +177,11 @@ def splash_cost(config, batch: int, seq_len: int) -> tuple[float, float]:
 
 
 # --- the XLA path with its probabilities kept ----------------------------------------
-# The `xla` implementation's math split at the softmax: `xla_forward` returns the
-# probabilities with the output and `xla_backward` takes them back with the q, k, v they
-# came from, so a caller that can recompute q, k, v (layers.Attention under DNP: a norm
-# and RoPE away from its projections) need not save them. `forward_heads_first` and
-# `backward_heads_first` are that math on [B, heads, L, H], the batched products' layout.
+# The `xla` implementation's math split at the softmax, on [B, heads, L, H] (the batched
+# products' layout): `forward_heads_first` returns the probabilities with the output and
+# `backward_heads_first` takes them back with the q, k, v they came from, so a caller
+# that can recompute q, k, v (layers.Attention under DNP: a norm and RoPE away from its
+# projections) need not save them.
 
 def _per_query_head(kv_BxKxSxH, n_heads: int):
   """kv heads repeated to one per query head (GQA: query head n reads kv head n // G)."""
@@ -218,23 +218,9 @@ def backward_heads_first(q_BxNxLxH, k_BxKxSxH, v_BxKxSxH, probs_BxNxLxS, d_out_B
   return dq, per_kv(dk), per_kv(dv)
 
 
-def _swap_heads(x):
+def swap_heads(x):
   """[B, L, heads, H] <-> [B, heads, L, H]."""
   return jnp.swapaxes(x, 1, 2)
-
-
-def xla_forward(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH):
-  """(out [B, L, N, H], probs [B, N, L, S] float32) of causal attention."""
-  out_BxNxLxH, probs_BxNxLxS = forward_heads_first(
-      *(_swap_heads(x) for x in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH)))
-  return _swap_heads(out_BxNxLxH), probs_BxNxLxS
-
-
-def xla_backward(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, probs_BxNxLxS, d_out_BxLxNxH):
-  """(dq, dk, dv) of `xla_forward`'s output, from its probabilities."""
-  grads = backward_heads_first(*(_swap_heads(x) for x in (q_BxLxNxH, k_BxSxKxH, v_BxSxKxH)),
-                               probs_BxNxLxS, _swap_heads(d_out_BxLxNxH))
-  return tuple(_swap_heads(d) for d in grads)
 
 
 def _xla(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, **_):
@@ -246,8 +232,8 @@ def _xla(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, **_):
   library call (this backward pass was measured on CPU only)."""
   if sharding.platform() != 'cpu':
     return _dot_product('xla')(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
-  out_BxNxLxH = _kept_probs(*(_swap_heads(x) for x in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)))
-  return _swap_heads(out_BxNxLxH)
+  out_BxNxLxH = _kept_probs(*(swap_heads(x) for x in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)))
+  return swap_heads(out_BxNxLxH)
 
 
 @jax.custom_vjp

@@ -11,7 +11,7 @@ from scalejax.core import reductions, roles, sharding
 from scalejax.core.roles import Param
 from scalejax.model import attention
 from scalejax.model.config import ModelConfig
-from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale, normalize
+from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale, normalize, rms_apply
 
 DUAL_MODES = ('none', 'dp', 'dnp')
 
@@ -102,6 +102,22 @@ class Linear(nnx.Module):
     backward pass that recomputes `finish(y)` keeps besides y."""
     return self.post.inv_rms(y) if self.dual == 'dnp' else None
 
+  def finish_heads_first(self, y_BxNxLxH: jax.Array,
+                         inv_rms: jax.Array | None = None) -> jax.Array | None:
+    """`finish` of y with its heads split and moved first ([B, heads, L, H]) where the
+    output side is elementwise there: DP's scale, DNP's norm given its statistics
+    (`inv_rms`, [B, L, 1]). None for a DNP norm without them, which needs whole rows."""
+    per_head = lambda a: a.reshape(y_BxNxLxH.shape[1], 1, y_BxNxLxH.shape[3])
+    if self.dual == 'none':
+      return y_BxNxLxH
+    if self.dual == 'dp':
+      u = self.post()
+      return y_BxNxLxH if u is None else (y_BxNxLxH * per_head(u)).astype(y_BxNxLxH.dtype)
+    if inv_rms is None:
+      return None
+    return rms_apply(y_BxNxLxH, jnp.swapaxes(inv_rms[..., None], 1, 2),
+                     per_head(self.post.gammas()[0]))
+
   def finish_rows(self, y_RxF: jax.Array, copy_R: jax.Array) -> jax.Array:
     """`finish` of a stacked Linear (params with a leading axis of copies, e.g. the
     experts of an MoE) on rows of several copies at once: row r takes copy copy_R[r]'s
@@ -169,9 +185,10 @@ class Embed(nnx.Module):
 
 
 def rope(x_BxLxNxH: jax.Array, positions_L, theta: float,
-         math_dtype=jnp.float32) -> jax.Array:
+         math_dtype=jnp.float32, heads_first: bool = False) -> jax.Array:
   """Rotary embedding: angles in float32, the rotation in `math_dtype` (float32, or the
-  compute dtype: ModelConfig.resolved_rope_dtype), the result in x's dtype.
+  compute dtype: ModelConfig.resolved_rope_dtype), the result in x's dtype. x is
+  [B, L, heads, H], or [B, heads, L, H] with `heads_first`.
 
   Positions known at trace time (a NumPy array, as the decoder passes them) make the
   sin/cos table a constant: from a traced iota XLA:CPU recomputes sin and cos for every
@@ -180,8 +197,9 @@ def rope(x_BxLxNxH: jax.Array, positions_L, theta: float,
   xp = np if isinstance(positions_L, np.ndarray) else jnp
   freq_H2 = xp.float32(theta) ** (-xp.arange(0, h, 2, dtype=xp.float32) / xp.float32(h))
   angle_LxH2 = positions_L[:, None].astype(xp.float32) * freq_H2[None, :]
-  sin = jnp.asarray(xp.sin(angle_LxH2), math_dtype)[None, :, None, :]
-  cos = jnp.asarray(xp.cos(angle_LxH2), math_dtype)[None, :, None, :]
+  along_l = (lambda a: a[None, None]) if heads_first else (lambda a: a[None, :, None, :])
+  sin = along_l(jnp.asarray(xp.sin(angle_LxH2), math_dtype))
+  cos = along_l(jnp.asarray(xp.cos(angle_LxH2), math_dtype))
   x1, x2 = jnp.split(x_BxLxNxH.astype(math_dtype), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxNxH.dtype)
@@ -239,31 +257,59 @@ class Attention(nnx.Module):
     k_BxLxKxH = rope(k_BxLxKxH, positions_L, self.theta, self.rope_math)
     return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
+  def rotated_heads_first(self, q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L,
+                          inv_rms=(None,) * 3):
+    """`rotated`'s values with the heads moved first ([B, heads, L, H], the layout of
+    attention's batched products): each projection transposed first, then its output
+    side, QK-norm and RoPE. XLA:CPU runs a norm or scale ahead of RoPE's split of each
+    head, fused with the transpose after it, slower than this order (PERFORMANCE.md). An output side that needs whole rows (DNP's norm without its
+    statistics) takes `rotated` and transposes after."""
+    b, l, _ = q_BxLxNH.shape
+    maps, heads = (self.q, self.k, self.v), (self.n_heads, self.n_kv, self.n_kv)
+    split = lambda y, n: jnp.swapaxes(y.reshape(b, l, n, self.h), 1, 2)
+    outs = tuple(m.finish_heads_first(split(y, n), r) for m, y, n, r in
+                 zip(maps, (q_BxLxNH, k_BxLxKH, v_BxLxKH), heads, inv_rms))
+    if any(out is None for out in outs):
+      rotated = self.rotated(q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L, inv_rms)
+      return tuple(attention.swap_heads(x) for x in rotated)
+    q_BxNxLxH, k_BxKxLxH, v_BxKxLxH = outs
+    if self.q_norm is not None:
+      q_BxNxLxH, k_BxKxLxH = self.q_norm(q_BxNxLxH), self.k_norm(k_BxKxLxH)
+    q_BxNxLxH = rope(q_BxNxLxH, positions_L, self.theta, self.rope_math, heads_first=True)
+    k_BxKxLxH = rope(k_BxKxLxH, positions_L, self.theta, self.rope_math, heads_first=True)
+    return q_BxNxLxH, k_BxKxLxH, v_BxKxLxH
+
 
 def _attend_recomputing(att: Attention, q, k, v, positions_L):
   """`attention.attend(*att.rotated(q, k, v))` for the `xla` path, keeping only the
   projections (with DNP's statistics of them) and the attention probabilities for the
   backward pass, which recomputes the rotated q, k, v from them. With an output side
   (DP, DNP) or QK-norm autodiff would keep both: the projections for that side's
-  backward and the rotated q, k, v for attention's (PERFORMANCE.md)."""
+  backward and the rotated q, k, v for attention's (PERFORMANCE.md). The rotated values
+  come from `rotated_heads_first`, their gradients from autodiff of `rotated`."""
   graphdef, state = nnx.split(att)
   stats = tuple(m.inv_rms(y) for m, y in zip((att.q, att.k, att.v), (q, k, v)))
-  rotate = lambda state, qkv, stats: nnx.merge(graphdef, state).rotated(*qkv, positions_L,
-                                                                        stats)
+
+  def rotate(state, qkv, stats, heads_first=False):
+    att = nnx.merge(graphdef, state)
+    return (att.rotated_heads_first if heads_first else att.rotated)(*qkv, positions_L, stats)
 
   @jax.custom_vjp
   def run(state, qkv, stats):
-    return attention.xla_forward(*rotate(state, qkv, stats))[0]
+    return fwd(state, qkv, stats)[0]
 
   def fwd(state, qkv, stats):
-    out, probs = attention.xla_forward(*rotate(state, qkv, stats))
-    return out, (state, qkv, stats, probs)
+    out_BxNxLxH, probs = attention.forward_heads_first(*rotate(state, qkv, stats, True))
+    return attention.swap_heads(out_BxNxLxH), (state, qkv, stats, probs)
 
-  def bwd(res, d_out):
+  def bwd(res, d_out_BxLxNxH):
     state, qkv, stats, probs = res
-    rotated, rotate_vjp = jax.vjp(lambda s, x: rotate(s, x, stats), state,
-                                  after_cotangent(qkv, d_out))
-    d_state, d_qkv = rotate_vjp(attention.xla_backward(*rotated, probs, d_out))
+    qkv = after_cotangent(qkv, d_out_BxLxNxH)
+    # the values of `rotate` go unused, and XLA drops them: only its vjp is needed
+    _, rotate_vjp = jax.vjp(lambda s, x: rotate(s, x, stats), state, qkv)
+    grads = attention.backward_heads_first(*rotate(state, qkv, stats, True), probs,
+                                           attention.swap_heads(d_out_BxLxNxH))
+    d_state, d_qkv = rotate_vjp(tuple(attention.swap_heads(d) for d in grads))
     return d_state, d_qkv, jax.tree.map(jnp.zeros_like, stats)
 
   run.defvjp(fwd, bwd)
