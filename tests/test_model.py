@@ -298,10 +298,9 @@ def test_attention_recomputing_qkv_equals_autodiff(variant, extra):
                                            ('dnp', dict(norm='layer', norm_bias=True)),
                                            ('baseline', {})])
 def test_rotated_heads_first_equals_rotated_transposed(variant, extra):
-  """`rotated_heads_first` (projections transposed first, then the output side, QK-norm
-  and RoPE) gives `rotated`'s values with the heads moved first: with DNP's statistics
-  given, without them (LayerNorm with a bias needs whole rows: `rotated`, transposed),
-  with DP's scale, grouped-query heads and QK-norm."""
+  """`rotated_heads_first` (the output side, the heads moved first, then QK-norm and
+  RoPE along L) gives `rotated`'s values with the heads moved first: under DNP (RMS with
+  its statistics given, LayerNorm with a bias), DP, grouped-query heads and QK-norm."""
   cfg = ModelConfig(**SMALL, variant=variant, attention_impl='xla', **extra)
   att = layers.Attention(cfg, rngs=nnx.Rngs(0))
   keys = iter(jax.random.split(jax.random.key(1), 100))

@@ -11,7 +11,7 @@ from scalejax.core import reductions, roles, sharding
 from scalejax.core.roles import Param
 from scalejax.model import attention
 from scalejax.model.config import ModelConfig
-from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale, normalize, rms_apply
+from scalejax.scales.norms import Norm, NormSpec, Scaled, make_scale, normalize
 
 DUAL_MODES = ('none', 'dp', 'dnp')
 
@@ -101,22 +101,6 @@ class Linear(nnx.Module):
     """The statistics of DNP's norm of y (`Norm.inv_rms`), None without one: what a
     backward pass that recomputes `finish(y)` keeps besides y."""
     return self.post.inv_rms(y) if self.dual == 'dnp' else None
-
-  def finish_heads_first(self, y_BxNxLxH: jax.Array,
-                         inv_rms: jax.Array | None = None) -> jax.Array | None:
-    """`finish` of y with its heads split and moved first ([B, heads, L, H]) where the
-    output side is elementwise there: DP's scale, DNP's norm given its statistics
-    (`inv_rms`, [B, L, 1]). None for a DNP norm without them, which needs whole rows."""
-    per_head = lambda a: a.reshape(y_BxNxLxH.shape[1], 1, y_BxNxLxH.shape[3])
-    if self.dual == 'none':
-      return y_BxNxLxH
-    if self.dual == 'dp':
-      u = self.post()
-      return y_BxNxLxH if u is None else (y_BxNxLxH * per_head(u)).astype(y_BxNxLxH.dtype)
-    if inv_rms is None:
-      return None
-    return rms_apply(y_BxNxLxH, jnp.swapaxes(inv_rms[..., None], 1, 2),
-                     per_head(self.post.gammas()[0]))
 
   def finish_rows(self, y_RxF: jax.Array, copy_R: jax.Array) -> jax.Array:
     """`finish` of a stacked Linear (params with a leading axis of copies, e.g. the
@@ -260,19 +244,16 @@ class Attention(nnx.Module):
   def rotated_heads_first(self, q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L,
                           inv_rms=(None,) * 3):
     """`rotated`'s values with the heads moved first ([B, heads, L, H], the layout of
-    attention's batched products): each projection transposed first, then its output
-    side, QK-norm and RoPE. XLA:CPU runs a norm or scale ahead of RoPE's split of each
-    head, fused with the transpose after it, slower than this order (PERFORMANCE.md). An output side that needs whole rows (DNP's norm without its
-    statistics) takes `rotated` and transposes after."""
+    attention's batched products): each projection's output side, then its heads split
+    and moved first, then QK-norm and RoPE along L. XLA:CPU runs RoPE on
+    [B, L, heads, H] behind a norm or scale, fused with the transpose after it, slower
+    than in this order (PERFORMANCE.md)."""
     b, l, _ = q_BxLxNH.shape
-    maps, heads = (self.q, self.k, self.v), (self.n_heads, self.n_kv, self.n_kv)
-    split = lambda y, n: jnp.swapaxes(y.reshape(b, l, n, self.h), 1, 2)
-    outs = tuple(m.finish_heads_first(split(y, n), r) for m, y, n, r in
-                 zip(maps, (q_BxLxNH, k_BxLxKH, v_BxLxKH), heads, inv_rms))
-    if any(out is None for out in outs):
-      rotated = self.rotated(q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L, inv_rms)
-      return tuple(attention.swap_heads(x) for x in rotated)
-    q_BxNxLxH, k_BxKxLxH, v_BxKxLxH = outs
+    split = lambda m, y, n, r: attention.swap_heads(m.finish(y, r).reshape(b, l, n, self.h))
+    q_BxNxLxH, k_BxKxLxH, v_BxKxLxH = (
+        split(m, y, n, r) for m, y, n, r in
+        zip((self.q, self.k, self.v), (q_BxLxNH, k_BxLxKH, v_BxLxKH),
+            (self.n_heads, self.n_kv, self.n_kv), inv_rms))
     if self.q_norm is not None:
       q_BxNxLxH, k_BxKxLxH = self.q_norm(q_BxNxLxH), self.k_norm(k_BxKxLxH)
     q_BxNxLxH = rope(q_BxNxLxH, positions_L, self.theta, self.rope_math, heads_first=True)

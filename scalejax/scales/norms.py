@@ -114,13 +114,7 @@ def _rms_scale_given(x, gamma, r):
 
 
 def _rms_scale_given_fwd(x, gamma, r):
-  return rms_apply(x, r, gamma), (x, r, gamma)
-
-
-def rms_apply(x: jax.Array, inv_rms: jax.Array, gamma: jax.Array) -> jax.Array:
-  """x * inv_rms * gamma in x's dtype (products in float32): `rms_scale`'s value given
-  x's statistics, in any layout against which inv_rms and gamma broadcast."""
-  return (x.astype(jnp.float32) * inv_rms * gamma).astype(x.dtype)
+  return (x.astype(jnp.float32) * r * gamma).astype(x.dtype), (x, r, gamma)
 
 
 def _rms_scale_given_bwd(res, g):
