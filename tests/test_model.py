@@ -298,8 +298,8 @@ def test_attention_recomputing_qkv_equals_autodiff(variant, extra):
                                            ('dnp', dict(norm='layer', norm_bias=True)),
                                            ('baseline', {})])
 def test_rotated_heads_first_equals_rotated_transposed(variant, extra):
-  """`rotated_heads_first` (the output side, the heads moved first, then QK-norm and
-  RoPE along L) gives `rotated`'s values with the heads moved first: under DNP (RMS with
+  """`rotated(heads_first=True)` (the output side, the heads moved first, then QK-norm
+  and RoPE along L) gives `rotated`'s values with the heads moved first: under DNP (RMS with
   its statistics given, LayerNorm with a bias), DP, grouped-query heads and QK-norm."""
   cfg = ModelConfig(**SMALL, variant=variant, attention_impl='xla', **extra)
   att = layers.Attention(cfg, rngs=nnx.Rngs(0))
@@ -312,7 +312,7 @@ def test_rotated_heads_first_equals_rotated_transposed(variant, extra):
   stats = tuple(m.inv_rms(y) for m, y in zip((att.q, att.k, att.v), (q, k, v)))
   positions = np.arange(12)
   want = tuple(attention.swap_heads(x) for x in att.rotated(q, k, v, positions, stats))
-  chex.assert_trees_all_close(att.rotated_heads_first(q, k, v, positions, stats), want,
+  chex.assert_trees_all_close(att.rotated(q, k, v, positions, stats, heads_first=True), want,
                               rtol=1e-6, atol=1e-6)
 
 

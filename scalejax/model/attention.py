@@ -226,10 +226,10 @@ def swap_heads(x):
 def _xla(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, **_):
   """`xla`: on CPU the heads-first pair above under a custom vjp that keeps q, k, v
   heads first with the probabilities. Autodiff of `jax.nn.dot_product_attention`
-  transposed them again for the backward pass (3 more transposes per layer at
-  `configs/bench_mid.py`), and summed softmax's backward row as a reduce-window where
+  transposes them again for the backward pass (3 more transposes per layer at
+  `configs/bench_mid.py`), and sums softmax's backward row as a reduce-window where
   `backward_heads_first` uses `reductions.row_sum` (PERFORMANCE.md). Elsewhere that
-  library call (this backward pass was measured on CPU only)."""
+  library call (this backward pass is measured on CPU only)."""
   if sharding.platform() != 'cpu':
     return _dot_product('xla')(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
   out_BxNxLxH = _kept_probs(*(swap_heads(x) for x in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)))

@@ -227,38 +227,27 @@ class Attention(nnx.Module):
     scale, DNP's norm, QK-norm), for which autodiff keeps the projections as well."""
     return self.q_norm is not None or any(m.dual != 'none' for m in (self.q, self.k, self.v))
 
-  def rotated(self, q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L, inv_rms=(None,) * 3):
+  def rotated(self, q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L, inv_rms=(None,) * 3,
+              heads_first: bool = False):
     """The projections as attention reads them: the maps' output side (DP/DNP), heads
-    split, QK-norm, RoPE. `inv_rms`: DNP's statistics of q, k, v computed earlier."""
+    split, QK-norm, RoPE. `inv_rms`: DNP's statistics of q, k, v computed earlier.
+
+    `heads_first`: the same values in [B, heads, L, H] (the layout of attention's batched
+    products), the heads moved first after the output side, so that QK-norm and RoPE run
+    along L. XLA:CPU runs RoPE on [B, L, heads, H] behind a norm or scale, fused with a
+    transpose after it, slower than in this order (PERFORMANCE.md).
+    """
     b, l, _ = q_BxLxNH.shape
     r_q, r_k, r_v = inv_rms
-    q_BxLxNxH = self.q.finish(q_BxLxNH, r_q).reshape(b, l, self.n_heads, self.h)
-    k_BxLxKxH = self.k.finish(k_BxLxKH, r_k).reshape(b, l, self.n_kv, self.h)
-    v_BxLxKxH = self.v.finish(v_BxLxKH, r_v).reshape(b, l, self.n_kv, self.h)
+    layout = attention.swap_heads if heads_first else (lambda x: x)
+    q_heads = layout(self.q.finish(q_BxLxNH, r_q).reshape(b, l, self.n_heads, self.h))
+    k_heads = layout(self.k.finish(k_BxLxKH, r_k).reshape(b, l, self.n_kv, self.h))
+    v_heads = layout(self.v.finish(v_BxLxKH, r_v).reshape(b, l, self.n_kv, self.h))
     if self.q_norm is not None:
-      q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
-    q_BxLxNxH = rope(q_BxLxNxH, positions_L, self.theta, self.rope_math)
-    k_BxLxKxH = rope(k_BxLxKxH, positions_L, self.theta, self.rope_math)
-    return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
-
-  def rotated_heads_first(self, q_BxLxNH, k_BxLxKH, v_BxLxKH, positions_L,
-                          inv_rms=(None,) * 3):
-    """`rotated`'s values with the heads moved first ([B, heads, L, H], the layout of
-    attention's batched products): each projection's output side, then its heads split
-    and moved first, then QK-norm and RoPE along L. XLA:CPU runs RoPE on
-    [B, L, heads, H] behind a norm or scale, fused with the transpose after it, slower
-    than in this order (PERFORMANCE.md)."""
-    b, l, _ = q_BxLxNH.shape
-    split = lambda m, y, n, r: attention.swap_heads(m.finish(y, r).reshape(b, l, n, self.h))
-    q_BxNxLxH, k_BxKxLxH, v_BxKxLxH = (
-        split(m, y, n, r) for m, y, n, r in
-        zip((self.q, self.k, self.v), (q_BxLxNH, k_BxLxKH, v_BxLxKH),
-            (self.n_heads, self.n_kv, self.n_kv), inv_rms))
-    if self.q_norm is not None:
-      q_BxNxLxH, k_BxKxLxH = self.q_norm(q_BxNxLxH), self.k_norm(k_BxKxLxH)
-    q_BxNxLxH = rope(q_BxNxLxH, positions_L, self.theta, self.rope_math, heads_first=True)
-    k_BxKxLxH = rope(k_BxKxLxH, positions_L, self.theta, self.rope_math, heads_first=True)
-    return q_BxNxLxH, k_BxKxLxH, v_BxKxLxH
+      q_heads, k_heads = self.q_norm(q_heads), self.k_norm(k_heads)
+    q_heads = rope(q_heads, positions_L, self.theta, self.rope_math, heads_first)
+    k_heads = rope(k_heads, positions_L, self.theta, self.rope_math, heads_first)
+    return q_heads, k_heads, v_heads
 
 
 def _attend_recomputing(att: Attention, q, k, v, positions_L):
@@ -267,13 +256,12 @@ def _attend_recomputing(att: Attention, q, k, v, positions_L):
   backward pass, which recomputes the rotated q, k, v from them. With an output side
   (DP, DNP) or QK-norm autodiff would keep both: the projections for that side's
   backward and the rotated q, k, v for attention's (PERFORMANCE.md). The rotated values
-  come from `rotated_heads_first`, their gradients from autodiff of `rotated`."""
+  come from `rotated` heads first, their gradients from autodiff of `rotated`."""
   graphdef, state = nnx.split(att)
   stats = tuple(m.inv_rms(y) for m, y in zip((att.q, att.k, att.v), (q, k, v)))
 
   def rotate(state, qkv, stats, heads_first=False):
-    att = nnx.merge(graphdef, state)
-    return (att.rotated_heads_first if heads_first else att.rotated)(*qkv, positions_L, stats)
+    return nnx.merge(graphdef, state).rotated(*qkv, positions_L, stats, heads_first)
 
   @jax.custom_vjp
   def run(state, qkv, stats):
