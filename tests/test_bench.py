@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from scalejax.core import sharding
 from scalejax.scales.variants import VARIANTS
 from scalejax.train import benchmark, trainer
-from scalejax.train import matmuls, metrics, step_profile, xla_flags
+from scalejax.train import matmuls, metrics, revisions, step_profile, xla_flags
 from scalejax.train.config import load_config
 
 ROOT = Path(__file__).parents[1]
@@ -406,3 +408,77 @@ def test_gpu_bench_reads_and_plots_the_curves_of_its_runs(tmp_path):
   assert curves['unified'] == {'train': [(1, 5.5), (2, 4.5)], 'eval': [(1, 5.0), (2, 3.5)]}
   gpu_bench.plot_curves(curves, str(tmp_path / 'curves.png'))
   assert (tmp_path / 'curves.png').stat().st_size > 1000
+
+
+# --- another revision of the code in the same process (--against) ---------------------
+
+@pytest.fixture(scope='module')
+def other_tree(tmp_path_factory):
+  """A copy of this tree's package and configs, its bench_tiny config one layer deeper:
+  a revision whose cases must come from its own files."""
+  tree = tmp_path_factory.mktemp('other')
+  skip = shutil.ignore_patterns('__pycache__')
+  shutil.copytree(ROOT / 'scalejax', tree / 'scalejax', ignore=skip)
+  shutil.copytree(ROOT / 'configs', tree / 'configs', ignore=skip)
+  tiny = tree / 'configs' / 'bench_tiny.py'
+  tiny.write_text(tiny.read_text().replace('n_layers=2', 'n_layers=3'))
+  return tree
+
+
+def test_against_builds_the_other_trees_cases_from_its_files_then_restores_ours(other_tree):
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  with cfg.unlocked():
+    cfg.train.batch_size = 2  # as a command-line override would set it
+  ours = {name: module for name, module in sys.modules.items() if name.startswith('scalejax')}
+  rev = str(other_tree)
+  other = revisions.cases_at(rev, cfg, str(ROOT / 'configs' / 'bench_tiny.py'), ['baseline'],
+                             ['compiled'], n_batches=2)
+  assert {n: m for n, m in sys.modules.items() if n.startswith('scalejax')} == ours
+  assert [c.name for c in other] == [f'baseline@{rev}']
+  # its code and its config file (3 layers), with this run's override (batch 2 x 16)
+  assert type(other[0]).run.__code__.co_filename.startswith(str(other_tree))
+  assert other[0].tokens_per_step == 2 * 16
+  with cfg.unlocked():
+    cfg.model.n_layers = 3
+  mine = benchmark.build_case(cfg, 'baseline', n_batches=2)
+  assert other[0].flops_per_step == mine.flops_per_step
+  benchmark.measure([mine] + other, rounds=2, steps=2, warmup=0)
+  # the same program from the same state and batches: the same loss
+  assert other[0].loss == pytest.approx(mine.loss, rel=1e-6)
+  row = benchmark.report([mine] + other, peak=1e12, peak_source='test', rev=rev)[0]
+  assert row['against'] == rev and len(row['against_step_ratio_rounds']) == 2
+  assert row['against_step_ratio'] == pytest.approx(
+      statistics.median(mine.wall) / statistics.median(other[0].wall))
+  assert row['against_memory_ratio'] == pytest.approx(1.0)
+
+
+def test_against_on_the_command_line_prints_this_tree_over_the_other(other_tree, tmp_path):
+  out = tmp_path / 'bench.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'scalejax.cli.bench', '--config', 'configs/bench_tiny.py',
+       '--variants', 'baseline', '--rounds', '1', '--steps', '1', '--warmup', '0',
+       '--against', str(other_tree), '--config.model.n_layers=3', '--json', str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())['results']
+  assert [r['variant'] for r in rows] == ['baseline', f'baseline@{other_tree}']
+  assert rows[0]['flops_per_step'] == rows[1]['flops_per_step']  # both 3 layers
+  assert f'baseline     this tree / {other_tree}: step ' in proc.stdout
+
+
+def test_against_a_git_revision_or_one_clear_error(tmp_path):
+  if subprocess.run(['git', '-C', str(ROOT), 'rev-parse', 'HEAD'], capture_output=True).returncode:
+    pytest.skip('not a git checkout')
+  tree = revisions.source_tree('HEAD', str(tmp_path))
+  committed = subprocess.run(['git', '-C', str(ROOT), 'show', 'HEAD:scalejax/train/trainer.py'],
+                             capture_output=True, text=True, check=True).stdout
+  assert (Path(tree) / 'scalejax' / 'train' / 'trainer.py').read_text() == committed
+  with pytest.raises(ValueError, match=r'^--against no-such-revision: neither a directory '):
+    revisions.source_tree('no-such-revision', str(tmp_path))
+
+
+def test_against_names_an_override_the_other_config_lacks(other_tree):
+  cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
+  with pytest.raises(ValueError, match=r'its config has no train\.no_such_key'):
+    revisions.build_cases('x', str(other_tree), str(ROOT / 'configs' / 'bench_tiny.py'),
+                          {'train.no_such_key': 1}, ['baseline'], ['compiled'], n_batches=1)

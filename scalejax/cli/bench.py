@@ -44,6 +44,17 @@ kind of work (dots, reductions, elementwise, transposes, copies) and of each pha
 a thunk at once: on a CPU, where a step's time goes and how much of it ran on several
 cores. The figures go into the JSON's `profiles`.
 
+`--against=REV` also builds every variant from another revision of the code, a git
+revision of this repository (`git archive`) or a directory holding a `scalejax/`
+package, in the same process (`scalejax/train/revisions.py`), and times it in the same
+rounds as `NAME@REV`: this tree's step and memory over the other's, per variant, resolve
+a change to the code that runs between processes cannot (their spread on a shared CPU
+is a few percent). The other revision reads its own copy of the config file with this
+command line's overrides:
+
+    python -m scalejax.cli.bench --config configs/bench_mid.py --variants baseline,unified \
+        --against HEAD~1 --rounds 8 --steps 2 --warmup 1
+
 `--matmuls=R` then times each distinct matrix product of the first compiled variant's
 step alone (`scalejax/train/matmuls.py`), R rounds, as a jitted `jnp.matmul` and, with
 `--nanogpt_torch`, as `torch.matmul` in the reference's process, and sums them over the
@@ -64,7 +75,7 @@ from ml_collections import config_flags  # noqa: E402
 from scalejax.cli import common  # noqa: E402
 from scalejax.scales.variants import VARIANTS  # noqa: E402
 from scalejax.train import matmuls, metrics, step_profile  # noqa: E402
-from scalejax.train.benchmark import CALLS, run_benchmark, table  # noqa: E402
+from scalejax.train.benchmark import CALLS, against_table, run_benchmark, table  # noqa: E402
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -91,6 +102,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                        'the first compiled variant\'s step alone, in this many rounds, in XLA '
                        'and (with --nanogpt_torch) in PyTorch, and print both per shape '
                        '(0: not)', flag_values=fv)
+  flags.DEFINE_string('against', '', 'also build every variant at this git revision of the '
+                      'repository (or from a directory holding a scalejax/ package) in this '
+                      'process, time it in the same rounds as NAME@REV and print this tree\'s '
+                      'step and memory over it (\'\': not)', flag_values=fv)
   flags.DEFINE_bool('nanogpt_torch', False, 'also time nanoGPT\'s model in PyTorch (needs '
                     'torch) in the same rounds, as an external reference', flag_values=fv)
 
@@ -105,12 +120,15 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS) -> dict:
   if not variants:
     raise ValueError('--variants is empty')
   out = run_benchmark(common.loaded_config(fv), variants, fv.rounds, fv.steps, fv.warmup,
-                      fv.nanogpt_torch, fv.call, fv.profile_steps, fv.matmuls)
+                      fv.nanogpt_torch, fv.call, fv.profile_steps, fv.matmuls, fv.against,
+                      config_flags.get_config_filename(fv['config']))
   print(f'{out["machine"]["device_kind"]} x{out["machine"]["device_count"]}, '
         f'load {out["load_avg_start"]:.1f}->{out["load_avg_end"]:.1f}, '
         f'peak {out["peak_flops"] / 1e9:.1f} GFLOP/s ({out["peak_source"]}), '
         f'{out["call"]} steps')
   print(table(out['results']))
+  if fv.against:
+    print(against_table(out['results']))
   if out['profiles']:
     print(step_profile.table(out['profiles']))
   if out['matmuls']:

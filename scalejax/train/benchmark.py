@@ -26,8 +26,8 @@ import jax
 
 from scalejax.core import sharding
 from scalejax.model import counting
-from scalejax.train import (matmuls, metrics, nonfinite, step_profile, torch_reference,
-                            trainer, xla_flags)
+from scalejax.train import (matmuls, metrics, nonfinite, revisions, step_profile,
+                            torch_reference, trainer, xla_flags)
 
 CALLS = ('compiled', 'jit', 'loop', 'untuned')  # what a timed step calls (--call)
 
@@ -208,8 +208,11 @@ def device_peak_bytes() -> int:
   return int(stats.get('peak_bytes_in_use', -1))
 
 
-def report(cases: list[Case], peak: float, peak_source: str) -> list[dict]:
+def report(cases: list[Case], peak: float, peak_source: str, rev: str = '') -> list[dict]:
+  """One row per case. With `rev` (`--against`), a case of this tree that has a
+  counterpart 'NAME@REV' also gets its step and memory over that counterpart's."""
   rows = []
+  by_name = {c.name: c for c in cases}
   base = next((c for c in cases if c.name == 'baseline'), None)
   base_ms = statistics.median(base.wall) if base else None
   for c in cases:
@@ -229,17 +232,36 @@ def report(cases: list[Case], peak: float, peak_source: str) -> list[dict]:
         step_ratio_rounds=[w / b for w, b in zip(c.wall, base.wall)] if base else [],
         step_ms_rounds=[1e3 * w for w in c.wall],
     )
+    other = by_name.get(f'{c.name}@{rev}') if rev else None
+    if other is not None:
+      row.update(against=rev, against_step_ratio=step_s / statistics.median(other.wall),
+                 against_step_ratio_rounds=[w / o for w, o in zip(c.wall, other.wall)],
+                 against_memory_ratio=c.peak_bytes / other.peak_bytes
+                 if min(c.peak_bytes, other.peak_bytes) > 0 else float('nan'))
     rows.append(row)
   return rows
 
 
+def against_table(rows: list[dict]) -> str:
+  """This tree's steps over the other revision's (`--against`), one line per case."""
+  lines = []
+  for r in rows:
+    if 'against' in r:
+      lines.append(f'{r["variant"]:<12} this tree / {r["against"]}: step '
+                   f'{r["against_step_ratio"]:.3f}x (median of per-round ratios '
+                   f'{statistics.median(r["against_step_ratio_rounds"]):.3f}x), memory '
+                   f'{r["against_memory_ratio"]:.3f}x')
+  return '\n'.join(lines)
+
+
 def table(rows: list[dict]) -> str:
-  head = (f'{"variant":<12} {"compile s":>9} {"step ms":>8} {"min ms":>7} {"cpu ms":>7} {"faults":>7} '
+  w = max([12] + [len(r['variant']) for r in rows])
+  head = (f'{"variant":<{w}} {"compile s":>9} {"step ms":>8} {"min ms":>7} {"cpu ms":>7} {"faults":>7} '
           f'{"tok/s":>8} {"MFU":>6} {"peak MiB":>9} {"step x":>7} {"mem x":>6}')
   lines = [head, '-' * len(head)]
   for r in rows:
     lines.append(
-        f'{r["variant"]:<12} {r["compile_s"]:9.2f} {r["step_ms"]:8.2f} '
+        f'{r["variant"]:<{w}} {r["compile_s"]:9.2f} {r["step_ms"]:8.2f} '
         f'{r["step_ms_min"]:7.2f} {r["cpu_ms"]:7.2f} {r["page_faults"]:7.0f} '
         f'{r["tokens_per_s"]:8.0f} '
         f'{r["mfu"]:6.1%} {r["peak_bytes"] / 2**20:9.2f} {r["step_ratio"]:7.3f} '
@@ -292,13 +314,17 @@ def time_step_products(cases: list[Case], rounds: int) -> tuple[str, list[dict]]
 
 def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int,
                   reference: bool = False, call: str | list[str] = 'compiled',
-                  profile_steps: int = 0, matmul_rounds: int = 0) -> dict:
+                  profile_steps: int = 0, matmul_rounds: int = 0,
+                  against: str = '', config_path: str = '') -> dict:
   """`call`: one of CALLS, or several: every variant is then timed once per call, named
   'VARIANT@CALL' after the first (`baseline@loop` against `baseline`: the loop's cost).
   `profile_steps` > 0: after timing, each compiled case's steps are traced that many
   times and summed by kind of work and threads busy (`profiles` in the result).
   `matmul_rounds` > 0: then the first compiled variant's matrix products are timed
-  alone in that many rounds, in XLA and (with `reference`) in PyTorch (`matmuls`)."""
+  alone in that many rounds, in XLA and (with `reference`) in PyTorch (`matmuls`).
+  `against`: a git revision or a directory with another `scalejax/` package, whose
+  cases ('NAME@REV', from its copy of `config_path` with this config's overrides) are
+  built in this process and timed in the same rounds (`revisions`)."""
   if profile_steps > 0 and jax.default_backend() != 'cpu':
     raise ValueError(f"--profile_steps reads XLA:CPU's per-thunk trace; this run is on "
                      f'{jax.default_backend()} (profile it with jax.profiler and TensorBoard)')
@@ -310,9 +336,14 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
   if matmul_rounds > 0 and not {'compiled', 'untuned'} & set(calls):
     raise ValueError('--matmuls reads the products off a compiled step; add compiled to '
                      '--call')
+  if against and not config_path:
+    raise ValueError('--against needs the config file this run loaded (config_path)')
   cases = [build_case(cfg, v, n_batches=min(steps, 16), call=c,
                       name=v if i == 0 else f'{v}@{c}')
            for i, c in enumerate(calls) for v in variants]
+  if against:
+    cases += revisions.cases_at(against, cfg, config_path, variants, calls,
+                                n_batches=min(steps, 16))
   if reference:
     cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
   # The trainer's measure of the peak: on CPU one probe per round, their median.
@@ -325,13 +356,13 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
     for case in cases:
       case.close()
   peak_source = peak.source + (' (one per round)' if peak.samples else '')
-  rows = report(cases, peak.total(jax.device_count()), peak_source)
+  rows = report(cases, peak.total(jax.device_count()), peak_source, against)
   return dict(
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       machine=machine(), load_avg_start=load_start, load_avg_end=loadavg(),
       peak_flops=peak.total(jax.device_count()), peak_source=peak_source,
       probe_flops_rounds=peak.samples, rounds=rounds, steps_per_round=steps, warmup=warmup,
-      call=','.join(calls),
+      call=','.join(calls), against=against,
       batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,
       model=cfg.model.to_dict(), results=rows,
       profiles={name: p.to_dict() for name, p in profiles.items()},

@@ -1,0 +1,140 @@
+"""Another revision of this package, loaded into the running process and built there, so
+that the bench times its steps in the same rounds as this tree's (`--against`).
+
+Between processes a step's time on a shared CPU moves by a few percent (the load, where
+the process's memory lies), more than a small change to the code does. Steps compiled in
+one process and run in interleaved rounds share all of that, so their ratio resolves
+the change itself.
+
+The other revision is a git revision of the repository this package lies in (extracted
+with `git archive`) or a directory holding a `scalejax/` package. Its modules are
+imported under their own names while its cases are built, then this tree's modules are
+put back: its compiled steps need none of them to run, and its `Case` objects keep their
+own module's functions. Its config is the same config file at that revision (this run's
+file where the revision has none), with this run's command-line overrides applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+from scalejax.train.config import load_config  # this tree's (the other's is imported by name)
+
+PACKAGE = 'scalejax'
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def source_tree(rev: str, into: str, repo: str = ROOT) -> str:
+  """A directory holding revision `rev`'s `scalejax/` package: `rev` itself when it is
+  such a directory, else `git archive rev` of `repo` extracted under `into`."""
+  if os.path.isfile(os.path.join(rev, PACKAGE, '__init__.py')):
+    return os.path.abspath(rev)
+  try:
+    archive = subprocess.run(['git', '-C', repo, 'archive', '--format=tar', rev],
+                             capture_output=True, check=False)
+  except FileNotFoundError:
+    raise ValueError(f'--against {rev}: git is not installed; pass a directory holding '
+                     f'a {PACKAGE}/ package instead') from None
+  if archive.returncode:
+    why = archive.stderr.decode(errors='replace').strip().splitlines()
+    raise ValueError(f'--against {rev}: neither a directory holding a {PACKAGE}/ package nor '
+                     f'a revision of {repo} ({why[-1] if why else "git archive failed"})')
+  tree = tempfile.mkdtemp(prefix='against-', dir=into)
+  with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+    tar.extractall(tree, filter='data')
+  if not os.path.isfile(os.path.join(tree, PACKAGE, '__init__.py')):
+    raise ValueError(f'--against {rev}: that revision has no {PACKAGE}/ package')
+  return tree
+
+
+def _ours(name: str) -> bool:
+  return name == PACKAGE or name.startswith(PACKAGE + '.')
+
+
+@contextlib.contextmanager
+def imported_from(tree: str):
+  """Inside: `import scalejax...` imports `tree`'s package. After: this tree's again."""
+  saved = {k: m for k, m in sys.modules.items() if _ours(k)}
+  for k in saved:
+    del sys.modules[k]
+  sys.path.insert(0, tree)
+  importlib.invalidate_caches()
+  try:
+    yield
+  finally:
+    sys.path.remove(tree)
+    for k in [k for k in sys.modules if _ours(k)]:
+      del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def flat(cfg, prefix: str = '') -> dict:
+  """A ConfigDict (or nested dict) as {dotted key: value}."""
+  items = cfg.items() if hasattr(cfg, 'items') else ()
+  out = {}
+  for k, v in items:
+    if hasattr(v, 'items'):
+      out.update(flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def overrides(cfg, config_path: str) -> dict:
+  """{dotted key: value} where `cfg` differs from the config file loaded afresh: what the
+  command line set."""
+  fresh = flat(load_config(config_path))
+  return {k: v for k, v in flat(cfg).items() if k not in fresh or fresh[k] != v}
+
+
+def cases_at(rev: str, cfg, config_path: str, variants, calls, n_batches: int) -> list:
+  """Revision `rev`'s benchmark cases for the config `cfg` was loaded as (the file at
+  `config_path` plus the command line's overrides), built in this process."""
+  changes = overrides(cfg, config_path)
+  with tempfile.TemporaryDirectory(prefix='scalejax-against-') as tmp:
+    # imported modules keep their code: the files can go once the cases are built
+    return build_cases(rev, source_tree(rev, tmp), config_path, changes, variants, calls,
+                       n_batches)
+
+
+def build_cases(rev: str, tree: str, config_path: str, changes: dict, variants, calls,
+                n_batches: int) -> list:
+  """`tree`'s benchmark cases for `variants` x `calls`, each named 'NAME@REV' (NAME as
+  this tree's bench names it), from its own copy of the config file with `changes`."""
+  rel = os.path.relpath(os.path.abspath(config_path), ROOT)
+  own = os.path.join(tree, rel)
+  path = own if not rel.startswith('..') and os.path.isfile(own) else config_path
+  with imported_from(tree):
+    benchmark = importlib.import_module(f'{PACKAGE}.train.benchmark')
+    config = importlib.import_module(f'{PACKAGE}.train.config')
+    cfg = config.load_config(path)
+    flat_other = flat(cfg)
+    with cfg.unlocked() if hasattr(cfg, 'unlocked') else contextlib.nullcontext():
+      for key, value in changes.items():
+        if key not in flat_other:
+          raise ValueError(f'--against {rev}: its config has no {key} (set on this command '
+                           'line); drop that override or pick a later revision')
+        *parents, leaf = key.split('.')
+        node = cfg
+        for p in parents:
+          node = node[p]
+        node[leaf] = value
+    cases = []
+    for i, call in enumerate(calls):
+      for v in variants:
+        name = v if i == 0 else f'{v}@{call}'
+        try:
+          case = benchmark.build_case(cfg, v, n_batches=n_batches, call=call,
+                                      name=f'{name}@{rev}')
+        except TypeError as e:
+          raise ValueError(f'--against {rev}: its benchmark.build_case does not take this '
+                           f'bench\'s arguments ({e}); pick a later revision') from None
+        cases.append(case)
+  return cases
