@@ -431,8 +431,8 @@ def test_against_builds_the_other_trees_cases_from_its_files_then_restores_ours(
     cfg.train.batch_size = 2  # as a command-line override would set it
   ours = {name: module for name, module in sys.modules.items() if name.startswith('scalejax')}
   rev = str(other_tree)
-  other = revisions.cases_at(rev, cfg, str(ROOT / 'configs' / 'bench_tiny.py'), ['baseline'],
-                             ['compiled'], n_batches=2)
+  other = revisions.cases_at(rev, cfg, str(ROOT / 'configs' / 'bench_tiny.py'),
+                             [('baseline', 'compiled', 'baseline')], n_batches=2)
   assert {n: m for n, m in sys.modules.items() if n.startswith('scalejax')} == ours
   assert [c.name for c in other] == [f'baseline@{rev}']
   # its code and its config file (3 layers), with this run's override (batch 2 x 16)
@@ -481,4 +481,24 @@ def test_against_names_an_override_the_other_config_lacks(other_tree):
   cfg = load_config(ROOT / 'configs' / 'bench_tiny.py')
   with pytest.raises(ValueError, match=r'its config has no train\.no_such_key'):
     revisions.build_cases('x', str(other_tree), str(ROOT / 'configs' / 'bench_tiny.py'),
-                          {'train.no_such_key': 1}, ['baseline'], ['compiled'], n_batches=1)
+                          {'train.no_such_key': 1}, [('baseline', 'compiled', 'baseline')],
+                          n_batches=1)
+
+
+def test_against_an_older_bench_is_one_clear_error_and_leaves_our_modules(tmp_path):
+  """A revision whose build_case predates the bench's arguments: named, nothing built."""
+  train = tmp_path / 'scalejax' / 'train'
+  train.mkdir(parents=True)
+  (tmp_path / 'scalejax' / '__init__.py').write_text('')
+  (train / '__init__.py').write_text('')
+  (train / 'config.py').write_text(
+      'import ml_collections\n'
+      'def load_config(path):\n'
+      '  return ml_collections.ConfigDict({"train": {"steps": 1}})\n')
+  (train / 'benchmark.py').write_text('def build_case(cfg, variant, n_batches):\n  raise AssertionError\n')
+  ours = {name: module for name, module in sys.modules.items() if name.startswith('scalejax')}
+  with pytest.raises(ValueError, match=r'its benchmark\.build_case takes \(cfg, variant, '
+                                       r'n_batches\), not this bench.s n_batches, call and name'):
+    revisions.build_cases('old', str(tmp_path), str(ROOT / 'configs' / 'bench_tiny.py'), {},
+                          [('baseline', 'compiled', 'baseline')], n_batches=1)
+  assert {n: m for n, m in sys.modules.items() if n.startswith('scalejax')} == ours

@@ -338,12 +338,11 @@ def run_benchmark(cfg, variants: list[str], rounds: int, steps: int, warmup: int
                      '--call')
   if against and not config_path:
     raise ValueError('--against needs the config file this run loaded (config_path)')
-  cases = [build_case(cfg, v, n_batches=min(steps, 16), call=c,
-                      name=v if i == 0 else f'{v}@{c}')
-           for i, c in enumerate(calls) for v in variants]
+  plan = [(v, c, v if i == 0 else f'{v}@{c}') for i, c in enumerate(calls) for v in variants]
+  cases = [build_case(cfg, v, n_batches=min(steps, 16), call=c, name=name)
+           for v, c, name in plan]
   if against:
-    cases += revisions.cases_at(against, cfg, config_path, variants, calls,
-                                n_batches=min(steps, 16))
+    cases += revisions.cases_at(against, cfg, config_path, plan, n_batches=min(steps, 16))
   if reference:
     cases.append(nanogpt_torch_case(cfg, cases[0].vocab))
   # The trainer's measure of the peak: on CPU one probe per round, their median.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import os
 import subprocess
@@ -48,7 +49,8 @@ def source_tree(rev: str, into: str, repo: str = ROOT) -> str:
                      f'a revision of {repo} ({why[-1] if why else "git archive failed"})')
   tree = tempfile.mkdtemp(prefix='against-', dir=into)
   with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-    tar.extractall(tree, filter='data')
+    # the 'data' filter (Python 3.11.4 on) refuses links and paths out of `tree`
+    tar.extractall(tree, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
   if not os.path.isfile(os.path.join(tree, PACKAGE, '__init__.py')):
     raise ValueError(f'--against {rev}: that revision has no {PACKAGE}/ package')
   return tree
@@ -94,20 +96,20 @@ def overrides(cfg, config_path: str) -> dict:
   return {k: v for k, v in flat(cfg).items() if k not in fresh or fresh[k] != v}
 
 
-def cases_at(rev: str, cfg, config_path: str, variants, calls, n_batches: int) -> list:
+def cases_at(rev: str, cfg, config_path: str, plan, n_batches: int) -> list:
   """Revision `rev`'s benchmark cases for the config `cfg` was loaded as (the file at
-  `config_path` plus the command line's overrides), built in this process."""
+  `config_path` plus the command line's overrides), built in this process. `plan`:
+  (variant, call, name) of each case, as this tree's bench builds them."""
   changes = overrides(cfg, config_path)
   with tempfile.TemporaryDirectory(prefix='scalejax-against-') as tmp:
     # imported modules keep their code: the files can go once the cases are built
-    return build_cases(rev, source_tree(rev, tmp), config_path, changes, variants, calls,
-                       n_batches)
+    return build_cases(rev, source_tree(rev, tmp), config_path, changes, plan, n_batches)
 
 
-def build_cases(rev: str, tree: str, config_path: str, changes: dict, variants, calls,
+def build_cases(rev: str, tree: str, config_path: str, changes: dict, plan,
                 n_batches: int) -> list:
-  """`tree`'s benchmark cases for `variants` x `calls`, each named 'NAME@REV' (NAME as
-  this tree's bench names it), from its own copy of the config file with `changes`."""
+  """`tree`'s benchmark cases of `plan` ((variant, call, name) each), named 'NAME@REV',
+  from its own copy of the config file with `changes`."""
   rel = os.path.relpath(os.path.abspath(config_path), ROOT)
   own = os.path.join(tree, rel)
   path = own if not rel.startswith('..') and os.path.isfile(own) else config_path
@@ -126,15 +128,9 @@ def build_cases(rev: str, tree: str, config_path: str, changes: dict, variants, 
         for p in parents:
           node = node[p]
         node[leaf] = value
-    cases = []
-    for i, call in enumerate(calls):
-      for v in variants:
-        name = v if i == 0 else f'{v}@{call}'
-        try:
-          case = benchmark.build_case(cfg, v, n_batches=n_batches, call=call,
-                                      name=f'{name}@{rev}')
-        except TypeError as e:
-          raise ValueError(f'--against {rev}: its benchmark.build_case does not take this '
-                           f'bench\'s arguments ({e}); pick a later revision') from None
-        cases.append(case)
-  return cases
+    takes = inspect.signature(benchmark.build_case).parameters
+    if not {'n_batches', 'call', 'name'} <= set(takes):
+      raise ValueError(f'--against {rev}: its benchmark.build_case takes ({", ".join(takes)}), '
+                       'not this bench\'s n_batches, call and name; pick a later revision')
+    return [benchmark.build_case(cfg, variant, n_batches=n_batches, call=call,
+                                 name=f'{name}@{rev}') for variant, call, name in plan]
