@@ -24,7 +24,7 @@ COMMANDS = {
     'scalejax.cli.roles_doc': ('out',),
     'scalejax.cli.aot': ('config', 'topology', 'json', 'fusion'),
     'scalejax.cli.bench': ('config', 'variants', 'rounds', 'steps', 'warmup', 'call', 'json',
-                           'profile_steps', 'matmuls', 'nanogpt_torch'),
+                           'profile_steps', 'matmuls', 'against', 'nanogpt_torch'),
     'scalejax.cli.gpu_bench': ('out', 'smoke', 'batches', 'headroom', 'rounds', 'steps',
                                'budget_s', 'curve_steps', 'curve_batch', 'corpus', 'corpus_mb'),
     'scalejax.cli.train_spm': ('input', 'vocab_size', 'model_prefix', 'model_type',
