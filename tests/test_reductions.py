@@ -84,6 +84,7 @@ def test_clip_by_global_norm_equals_optax():
     want = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
     got = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_equal(got, grads)  # within the norm: the gradients as they are
 
 
 @pytest.mark.parametrize('platform', ['cpu', 'tpu'])

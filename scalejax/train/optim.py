@@ -156,10 +156,12 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   def update(updates, state, params=None):
     del params
     norm = reductions.global_norm(updates)
-    keep = norm < max_norm
-    clipped = jax.tree.map(
-        lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates)
-    return clipped, state
+    # One scalar factor (1 when the norm is within max_norm): the gradients are only
+    # multiplied, which XLA fuses into the optimizer's own passes over them. A select
+    # between t and t / norm * max_norm (optax's form) wrote the clipped copy out, and
+    # the passes after it read both.
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
