@@ -47,10 +47,10 @@ cores. The figures go into the JSON's `profiles`.
 `--against=REV` also builds every variant from another revision of the code, a git
 revision of this repository (`git archive`) or a directory holding a `scalejax/`
 package, in the same process (`scalejax/train/revisions.py`), and times it in the same
-rounds as `NAME@REV`: this tree's step and memory over the other's, per variant, resolve
-a change to the code that runs between processes cannot (their spread on a shared CPU
-is a few percent). The other revision reads its own copy of the config file with this
-command line's overrides:
+rounds as `NAME@REV`. The ratio of this tree's step and memory to the other's, per
+variant, resolves a change to the code that separate processes cannot (their spread on
+a shared CPU is a few percent). The other revision reads its own copy of the config
+file, with this command line's overrides:
 
     python -m scalejax.cli.bench --config configs/bench_mid.py --variants baseline,unified \
         --against HEAD~1 --rounds 8 --steps 2 --warmup 1
