@@ -117,17 +117,11 @@ def build_cases(rev: str, tree: str, config_path: str, changes: dict, plan,
     benchmark = importlib.import_module(f'{PACKAGE}.train.benchmark')
     config = importlib.import_module(f'{PACKAGE}.train.config')
     cfg = config.load_config(path)
-    flat_other = flat(cfg)
-    with cfg.unlocked() if hasattr(cfg, 'unlocked') else contextlib.nullcontext():
-      for key, value in changes.items():
-        if key not in flat_other:
-          raise ValueError(f'--against {rev}: its config has no {key} (set on this command '
-                           'line); drop that override or pick a later revision')
-        *parents, leaf = key.split('.')
-        node = cfg
-        for p in parents:
-          node = node[p]
-        node[leaf] = value
+    missing = sorted(set(changes) - set(flat(cfg)))  # the update below would skip them
+    if missing:
+      raise ValueError(f'--against {rev}: its config has no {missing[0]} (set on this '
+                       'command line); drop that override or pick a later revision')
+    cfg.update_from_flattened_dict(changes)
     takes = inspect.signature(benchmark.build_case).parameters
     if not {'n_batches', 'call', 'name'} <= set(takes):
       raise ValueError(f'--against {rev}: its benchmark.build_case takes ({", ".join(takes)}), '

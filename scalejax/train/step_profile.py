@@ -124,8 +124,8 @@ def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
   one; with none there either, the update.
   """
   instructions, bodies, body_op_name = _parse(hlo_text)
-  # kinds, and the op_name each phase is read from (the text lists an instruction's
-  # operands ahead of it)
+  # kinds, and the op_name each phase is read from (in HLO text an instruction's
+  # operands precede it)
   kinds, named = {}, {}
   for name, op, calls, op_name, operands in instructions:
     if op in _CONTROL:
