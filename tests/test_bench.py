@@ -88,7 +88,11 @@ def test_profile_of_each_variant(short_run):
     assert p['by_phase_ms']['forward'] > 0 and p['by_phase_ms']['backward'] > 0, name
     assert sum(p['by_phase_ms'].values()) == pytest.approx(p['thunk_ms'])
     assert len(p['top']) == 8 and p['top'][0]['ms'] >= p['top'][-1]['ms']
+    # by source line: every thunk's time once, the model's lines among them
+    assert sum(e['ms'] for e in p['by_source']) == pytest.approx(p['thunk_ms'])
+    assert any(e['where'].startswith('model/') and e['kind'] == 'dot' for e in p['by_source'])
   assert 'ms with n threads busy' in stdout and 'unified, busiest thunks' in stdout
+  assert 'unified - baseline, by source line' in stdout
 
 
 def test_matmuls_of_the_step_match_the_analytic_count_and_are_timed(short_run):

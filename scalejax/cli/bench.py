@@ -42,7 +42,9 @@ events (`scalejax/train/step_profile.py`) and prints, per step, the thread time 
 kind of work (dots, reductions, elementwise, transposes, copies) and of each phase
 (forward, backward, update) with its thunk count, and how long 0, 1, 2, ... threads ran
 a thunk at once: on a CPU, where a step's time goes and how much of it ran on several
-cores. The figures go into the JSON's `profiles`.
+cores. Then the same time by the line of code each thunk was traced from: the first
+variant's busiest lines, and each other variant's largest differences from it, line by
+line (where `unified`'s extra time goes). The figures go into the JSON's `profiles`.
 
 `--against=REV` also builds every variant from another revision of the code, a git
 revision of this repository (`git archive`) or a directory holding a `scalejax/`
@@ -95,8 +97,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('json', '', 'write the results here as JSON', flag_values=fv)
   flags.DEFINE_integer('profile_steps', 0, 'after timing, trace this many steps of each '
                        'compiled variant with XLA\'s per-thunk events and print where their '
-                       'time goes: by kind of work, by phase and by threads busy (0: no '
-                       'profile)',
+                       'time goes: by kind of work, by phase, by threads busy and by '
+                       'line of code (0: no profile)',
                        flag_values=fv)
   flags.DEFINE_integer('matmuls', 0, 'after timing, time each distinct matrix product of '
                        'the first compiled variant\'s step alone, in this many rounds, in XLA '

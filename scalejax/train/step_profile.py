@@ -14,7 +14,11 @@ few steps and `summarize` reduces the events to, per step:
   operands'), with each phase's thunk count;
 - `busy`: milliseconds during which 0, 1, 2, ... threads ran a thunk. A library that
   splits one thunk's work over the pool (YNNPACK a large dot) runs the helpers' share
-  outside any thunk event, so this is a lower bound on the concurrency.
+  outside any thunk event, so this is a lower bound on the concurrency;
+- `by_source`: the same thread time by the line of this package's code each thunk's
+  ops were traced from (`sources`: JAX records the Python frames of every op in the
+  module), so that a variant's extra time reads as lines of code: the table prints
+  each case's lines against the first case's.
 
 The bench prints them (`python -m scalejax.cli.bench --profile_steps N`). Tracing slows
 the step: compare the split, not the traced wall with an untraced one.
@@ -49,6 +53,14 @@ _CONTROL = {'while', 'conditional', 'call', 'async-start', 'async-done'}
 
 _INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%([^\s=]+) = ')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_FRAME = re.compile(r'stack_frame_id=(\d+)')
+# The module's tables of Python source locations (printed ahead of its computations):
+# each line of a table is `id value`.
+_SOURCE_TABLES = ('FileNames', 'FileLocations', 'StackFrames')
+_TABLE_ROW = re.compile(r'^(\d+) (.*)$')
+_LOCATION = re.compile(r'file_name_id=(\d+) .*\bline=(\d+)')
+_STACK_FRAME = re.compile(r'file_location_id=(\d+)')
+PACKAGE = 'scalejax'  # `sources` prints paths in this package from its root
 # a computation's first line ('ENTRY %main ... {' or '%fused_computation.3 (...) -> ... {')
 COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([^\s(]+)\s.*\{\s*$')
 
@@ -86,10 +98,12 @@ def _kind(ops: set[str]) -> str:
 
 
 def _parse(hlo_text: str):
-  """[(name, op, called computation, op_name, operands)] of every instruction, and per
-  computation the set of its ops and the first op_name in it."""
+  """[(name, op, called computation, op_name, operands, stack frame id)] of every
+  instruction, and per computation the set of its ops, the first op_name and the first
+  stack frame id in it."""
   bodies: dict[str, set[str]] = collections.defaultdict(set)
   body_op_name: dict[str, str] = {}
+  body_frame: dict[str, str] = {}
   instructions = []
   current = None
   for line in hlo_text.splitlines():
@@ -98,16 +112,20 @@ def _parse(hlo_text: str):
       op, calls, operands = _op_and_calls(line[m.end():])
       op_name = _OP_NAME.search(line)
       op_name = op_name.group(1) if op_name else ''
-      instructions.append((m.group(1), op, calls, op_name, operands))
+      frame = _FRAME.search(line)
+      frame = frame.group(1) if frame else ''
+      instructions.append((m.group(1), op, calls, op_name, operands, frame))
       if current is not None:
         bodies[current].add(op)
         if op_name:
           body_op_name.setdefault(current, op_name)
+        if frame:
+          body_frame.setdefault(current, frame)
       continue
     m = COMPUTATION.match(line)
     if m:
       current = m.group(1)
-  return instructions, bodies, body_op_name
+  return instructions, bodies, body_op_name, body_frame
 
 
 def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -123,11 +141,11 @@ def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
   reduction XLA split in two, a copy), takes the phase of its first operand that has
   one; with none there either, the update.
   """
-  instructions, bodies, body_op_name = _parse(hlo_text)
+  instructions, bodies, body_op_name, _ = _parse(hlo_text)
   # kinds, and the op_name each phase is read from (in HLO text an instruction's
   # operands precede it)
   kinds, named = {}, {}
-  for name, op, calls, op_name, operands in instructions:
+  for name, op, calls, op_name, operands, _ in instructions:
     if op in _CONTROL:
       kinds[name] = 'control'
     elif op == 'fusion' and calls is not None:
@@ -137,6 +155,60 @@ def classify(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
     named[name] = op_name or body_op_name.get(calls, '') or next(
         (named[a] for a in operands if named.get(a)), '')
   return kinds, {name: _phase(source) for name, source in named.items()}
+
+
+def sources(hlo_text: str) -> dict[str, str]:
+  """{instruction name: the line of code its ops were traced from} for a compiled
+  module's text: the location of the op's own stack frame (JAX records the innermost
+  frame outside JAX), as 'model/layers.py:126' for this package's files (the path
+  inside the package), 'optax/_src/transform.py:300' for an installed library's (the
+  path inside site-packages), else the file's name. The ops of a custom VJP's rules
+  carry the line that calls the function.
+
+  A fusion without a frame of its own takes the first one inside it; an instruction
+  with none, in it or inside it (half of a reduction XLA split in two, a copy), takes
+  that of its first operand that has one (as `classify` reads phases); with none there
+  either, ''.
+  """
+  tables = {t: {} for t in _SOURCE_TABLES}
+  table = None
+  for line in hlo_text.splitlines():
+    if line in tables:
+      table = tables[line]
+      continue
+    row = _TABLE_ROW.match(line) if table is not None else None
+    if row is None:
+      table = None
+      continue
+    table[row.group(1)] = row.group(2)
+  files = {i: _short_path(name.strip('"')) for i, name in tables['FileNames'].items()}
+  locations = {}
+  for i, text in tables['FileLocations'].items():
+    m = _LOCATION.search(text)
+    if m:
+      locations[i] = f'{files.get(m.group(1), "?")}:{m.group(2)}'
+  frame_line = {}
+  for i, text in tables['StackFrames'].items():
+    m = _STACK_FRAME.search(text)
+    if m and m.group(1) in locations:
+      frame_line[i] = locations[m.group(1)]
+
+  instructions, _, _, body_frame = _parse(hlo_text)
+  out: dict[str, str] = {}
+  for name, _, calls, _, operands, frame in instructions:
+    out[name] = frame_line.get(frame or body_frame.get(calls, ''), '') or next(
+        (out[a] for a in operands if out.get(a)), '')
+  return out
+
+
+def _short_path(path: str) -> str:
+  """A source file's path as `sources` prints it: inside this package, inside
+  site-packages, else the file's name."""
+  for marker in (f'/{PACKAGE}/', '/site-packages/'):
+    cut = path.rfind(marker)
+    if cut >= 0:
+      return path[cut + len(marker):]
+  return os.path.basename(path)
 
 
 def _phase(op_name: str) -> str:
@@ -153,7 +225,8 @@ class StepProfile:
   each kind (KINDS), `busy` time with n threads running a thunk, `by_phase` each phase's
   (PHASES) thread time, `phase_busy` its time with n >= 1 threads running one of its
   thunks and `phase_thunks` its thunks run per step; `top` the busiest thunks as (name,
-  kind, thread ms)."""
+  kind, thread ms); `by_source` thread time by (source line, phase, kind), the largest
+  first."""
   steps: int
   wall: float
   by_kind: dict[str, float]
@@ -162,6 +235,7 @@ class StepProfile:
   by_phase: dict[str, float] = dataclasses.field(default_factory=dict)
   phase_busy: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
   phase_thunks: dict[str, float] = dataclasses.field(default_factory=dict)
+  by_source: list[tuple[str, str, str, float]] = dataclasses.field(default_factory=list)
 
   @property
   def thunk_ms(self) -> float:
@@ -174,7 +248,9 @@ class StepProfile:
                 phase_busy_ms={p: {str(k): v for k, v in b.items()}
                                for p, b in self.phase_busy.items()},
                 phase_thunks=self.phase_thunks,
-                top=[dict(name=n, kind=k, ms=ms) for n, k, ms in self.top])
+                top=[dict(name=n, kind=k, ms=ms) for n, k, ms in self.top],
+                by_source=[dict(where=w, phase=p, kind=k, ms=ms)
+                           for w, p, k, ms in self.by_source])
 
 
 def _threads_busy(intervals: dict[object, list[tuple[float, float]]]) -> dict[int, float]:
@@ -199,11 +275,13 @@ def _threads_busy(intervals: dict[object, list[tuple[float, float]]]) -> dict[in
 
 
 def summarize(events: list[dict], kinds: dict[str, str], steps: int, wall_s: float,
-              top: int = 8, phases: dict[str, str] | None = None) -> StepProfile:
+              top: int = 8, phases: dict[str, str] | None = None,
+              where: dict[str, str] | None = None) -> StepProfile:
   """A StepProfile of trace `events` (Chrome trace 'X' events: name, tid, ts, dur in
   microseconds) of `steps` steps that took `wall_s` seconds. Events whose name is not
   an instruction in `kinds` (the runtime's own, Python's) are left out; `phases`
-  ({name: phase}, `classify`'s second half) adds the split by phase."""
+  ({name: phase}, `classify`'s second half) adds the split by phase, `where` ({name:
+  source line}, `sources`) the split by source line."""
   per_thunk: collections.Counter = collections.Counter()
   runs: collections.Counter = collections.Counter()
   intervals = collections.defaultdict(list)
@@ -234,8 +312,14 @@ def summarize(events: list[dict], kinds: dict[str, str], steps: int, wall_s: flo
   phase_busy = {p: {n: ms(us) for n, us in _threads_busy(phase_intervals[p]).items()}
                 for p in by_phase}
   busiest = [(n, kinds[n], ms(us)) for n, us in per_thunk.most_common(top)]
+  by_source: collections.Counter = collections.Counter()
+  if where is not None:
+    for name, us in per_thunk.items():
+      phase = phase_of(name) if phase_of else ''
+      by_source[(where.get(name) or '?', phase, kinds[name])] += ms(us)
   return StepProfile(steps, wall_s * 1e3 / steps, by_kind, busy, busiest, by_phase,
-                     phase_busy, phase_thunks)
+                     phase_busy, phase_thunks,
+                     [(*key, v) for key, v in by_source.most_common()])
 
 
 def profile(step, state, batches: list, steps: int, hlo_text: str):
@@ -257,7 +341,7 @@ def profile(step, state, batches: list, steps: int, hlo_text: str):
     with gzip.open(found[0]) as f:
       events = json.load(f)['traceEvents']
   kinds, phases = classify(hlo_text)
-  return summarize(events, kinds, steps, wall, phases=phases), state
+  return summarize(events, kinds, steps, wall, phases=phases, where=sources(hlo_text)), state
 
 
 def table(profiles: dict[str, dict]) -> str:
@@ -286,4 +370,27 @@ def table(profiles: dict[str, dict]) -> str:
   for name, p in profiles.items():
     lines.append(f'{name}, busiest thunks (thread ms per step): '
                  + ', '.join(f'{t["name"]} ({t["kind"]}) {t["ms"]:.2f}' for t in p['top']))
+  lines += source_lines(profiles)
   return '\n'.join(lines)
+
+
+def source_lines(profiles: dict[str, dict], top: int = 12) -> list[str]:
+  """The first case's `top` source lines by thread time, then each other case's `top`
+  largest differences from it, line by line (a line one case lacks counts as 0 there)."""
+  keyed = {name: {(e['where'], e['phase'], e['kind']): e['ms'] for e in p.get('by_source', [])}
+           for name, p in profiles.items()}
+  keyed = {name: rows for name, rows in keyed.items() if rows}
+  if not keyed:
+    return []
+  first, *others = keyed
+  row = lambda key, ms, sign='': f'  {ms:{sign}9.2f}  {key[1]:<8} {key[2]:<11} {key[0]}'
+  out = [f'{first}, by source line (thread ms per step; phase, kind, line of code):']
+  out += [row(k, ms) for k, ms in sorted(keyed[first].items(), key=lambda kv: -kv[1])[:top]]
+  for name in others:
+    diff = {k: keyed[name].get(k, 0.0) - keyed[first].get(k, 0.0)
+            for k in keyed[name].keys() | keyed[first].keys()}
+    total = sum(keyed[name].values()) - sum(keyed[first].values())
+    out.append(f'{name} - {first}, by source line ({total:+.2f} thread ms per step in all; '
+               'the largest differences):')
+    out += [row(k, ms, '+') for k, ms in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]]
+  return out
