@@ -15,10 +15,10 @@ few steps and `summarize` reduces the events to, per step:
 - `busy`: milliseconds during which 0, 1, 2, ... threads ran a thunk. A library that
   splits one thunk's work over the pool (YNNPACK a large dot) runs the helpers' share
   outside any thunk event, so this is a lower bound on the concurrency;
-- `by_source`: the same thread time by the line of this package's code each thunk's
-  ops were traced from (`sources`: JAX records the Python frames of every op in the
-  module), so that a variant's extra time reads as lines of code: the table prints
-  each case's lines against the first case's.
+- `by_source`: the same thread time by the line of code each thunk's ops were traced
+  from (`sources`: JAX records each op's Python frame in the module; this package's
+  lines, or an installed library's such as Optax's), so that a variant's extra time
+  reads as lines of code: the table prints each case's lines against the first case's.
 
 The bench prints them (`python -m scalejax.cli.bench --profile_steps N`). Tracing slows
 the step: compare the split, not the traced wall with an untraced one.
